@@ -1,0 +1,28 @@
+"""Shared fixtures. Chapter notebooks run under nbval against a tiny model: the kernels inherit these
+environment variables from this process."""
+
+import os
+
+os.environ.setdefault("REARCH_MODEL", "tiny-llama")
+os.environ.setdefault("REARCH_QUICK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+from utils.models import TINY_ARCHITECTURES, load_model  # noqa: E402
+
+
+@pytest.fixture(params=list(TINY_ARCHITECTURES))
+def tiny(request):
+    """Each tiny architecture in turn: (name, model, tokenizer)."""
+    model, tokenizer = load_model(request.param)
+    return request.param, model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded model (converted into the cache on first use)."""
+    return load_model("embedded")

@@ -1,0 +1,95 @@
+import json
+import math
+
+import pytest
+import torch
+
+from utils.evaluation import (TASKS, batch_nll, count_parameters, generate, measure_speed, model_size_bytes,
+                              perplexity, run_lm_eval, write_lm_eval_tasks)
+from utils.data import load_corpus
+from utils.models import tiny_model
+
+
+def _reference_ppl(model, ids):
+    """Plain full-sequence perplexity with transformers' own loss."""
+    with torch.no_grad():
+        loss = model(ids[None], labels=ids[None]).loss
+    return math.exp(loss.item())
+
+
+def test_perplexity_matches_transformers_loss_when_one_window_covers_all():
+    model, _ = tiny_model("tiny-llama")
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, ids, window=128, progress=False) == pytest.approx(_reference_ppl(model, ids), rel=1e-5)
+
+
+def test_sliding_window_scores_each_token_once_and_batching_does_not_change_it():
+    model, _ = tiny_model("tiny-llama")
+    ids = torch.randint(0, 256, (301,), generator=torch.Generator().manual_seed(1))
+    one = perplexity(model, ids, window=64, stride=32, batch_size=1, progress=False)
+    many = perplexity(model, ids, window=64, stride=32, batch_size=5, progress=False)
+    assert one == pytest.approx(many, rel=1e-5)
+    no_overlap = perplexity(model, ids, window=64, progress=False)
+    assert no_overlap != pytest.approx(one, rel=1e-6)  # context changes the scores
+
+
+def test_padding_is_masked_in_batch_nll():
+    model, _ = tiny_model("tiny-llama")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    nll, count = batch_nll(model, ids)
+    padded = torch.tensor([[1, 2, 3, 4, 5, 0, 0], [7, 8, 9, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]])
+    nll_padded, count_padded = batch_nll(model, padded, mask)
+    nll_second, count_second = batch_nll(model, torch.tensor([[7, 8, 9]]))
+    assert count == 4 and count_padded == 4 + 2
+    assert nll_padded == pytest.approx(nll + nll_second, rel=1e-5)
+
+
+def test_perplexity_rejects_bad_input():
+    model, _ = tiny_model("tiny-llama")
+    with pytest.raises(ValueError, match="1-D"):
+        perplexity(model, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, torch.zeros(10, dtype=torch.long), window=4, stride=8)
+
+
+def test_parameter_counts_by_component_add_up_and_tied_weights_count_once():
+    model, _ = tiny_model("tiny-llama")
+    counts = count_parameters(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
+    assert counts["lm_head"] == 0 and counts["embedding"] == 320 * 64
+    assert counts["mlp"] == 4 * 3 * 64 * 128
+    assert counts["attention"] == 4 * (64 * 64 * 2 + 64 * 32 * 2)
+    assert model_size_bytes(model) == counts["total"] * 4
+    untied, _ = tiny_model("tiny-mistral")
+    assert count_parameters(untied)["lm_head"] == 320 * 64
+
+
+def test_measure_speed_reports_medians(tiny):
+    name, model, _ = tiny
+    speed = measure_speed(model, prompt_tokens=16, new_tokens=4, repeats=2)
+    assert speed["ttft_ms"] > 0 and speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+    with pytest.raises(ValueError):
+        measure_speed(model, new_tokens=1)
+
+
+def test_generate_uses_chat_template():
+    model, tokenizer = tiny_model("tiny-llama")
+    text = generate(model, tokenizer, "Hello", max_new_tokens=5)
+    assert isinstance(text, str)
+
+
+def test_lm_eval_tasks_are_disjoint_from_calibration_and_run(tmp_path):
+    folder = write_lm_eval_tasks(tmp_path, analogy_items=20, sms_per_class=5)
+    sms = [json.loads(line) for line in (folder / "rearch_sms_spam.jsonl").read_text().splitlines()]
+    assert sorted(doc["label"] for doc in sms) == [0] * 5 + [1] * 5
+    calibration = set(load_corpus("sms", "calibration")) | set(load_corpus("sms", "train"))
+    assert not calibration & {doc["text"] for doc in sms}
+    analogy = [json.loads(line) for line in (folder / "rearch_analogy.jsonl").read_text().splitlines()]
+    assert all(len(doc["choices"]) == 4 and len(set(doc["choices"])) == 4 for doc in analogy)
+    model, tokenizer = tiny_model("tiny-llama")
+    table = run_lm_eval(model, tokenizer, task_folder=folder, batch_size=8)
+    assert list(table["task"]) == list(TASKS)
+    assert ((table["value"] >= 0) & (table["value"] <= 1)).all()
+    with pytest.raises(ValueError, match="Unknown tasks"):
+        run_lm_eval(model, tokenizer, tasks=("hellaswag",), task_folder=folder)

@@ -1,0 +1,320 @@
+"""Measuring a model: perplexity, greedy generation, parameter counts, size, speed, and lm-eval tasks.
+
+The lm-eval tasks are YAML files over the course's offline corpora, written into the cache folder on
+first use, and run on a model held in memory (no hub access).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import analogy_questions, atomic_write_text, load_labeled
+from .models import cache_argument_name, cache_root, decoder_layers, output_cache
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              score_mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of a batch, and the number of tokens it covers.
+
+    Token t is scored as the prediction made at position t-1. Tokens where `attention_mask` is 0
+    (padding) are never scored; `score_mask` (same shape, 1 = score) can exclude more, such as the
+    context part of a sliding window.
+    """
+    device = _device_of(model)
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    scored = attention_mask.bool()
+    if score_mask is not None:
+        scored &= score_mask.to(device).bool()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    targets = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return nll.item(), int((targets != -100).sum())
+
+
+def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, stride: int | None = None,
+               batch_size: int = 4, progress: bool = True) -> float:
+    """Perplexity of a 1-D token stream with a sliding window, weighted by token.
+
+    Windows of `window` tokens start every `stride` tokens (default: no overlap). Each token is scored
+    once: in a window, only the tokens not scored by the previous window count, the rest are context.
+    Windows are batched (`batch_size`) with the short last window padded and its padding masked.
+    """
+    if input_ids.dim() != 1 or len(input_ids) < 2:
+        raise ValueError("perplexity expects a 1-D tensor of at least 2 token ids (see data.token_ids).")
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in 1..window ({window}), got {stride}.")
+    n = len(input_ids)
+    spans = []  # (begin, end, first scored position inside the window)
+    scored_until = 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        spans.append((begin, end, max(scored_until - begin, 0)))
+        scored_until = end
+        if end == n:
+            break
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", disable=not progress, leave=False):
+        chunk = spans[start:start + batch_size]
+        width = max(end - begin for begin, end, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        score = torch.zeros_like(ids)
+        for row, (begin, end, first) in enumerate(chunk):
+            ids[row, :end - begin] = input_ids[begin:end]
+            mask[row, :end - begin] = 1
+            score[row, first:end - begin] = 1
+        nll, count = batch_nll(model, ids, mask, score)
+        total_nll += nll
+        total_tokens += count
+    return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 30, chat: bool = True) -> str:
+    """Greedy continuation of `prompt` (wrapped in the tokenizer's chat template when `chat`), decoded."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(_device_of(model))
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters with tied weights counted once (the first name wins)."""
+    seen, result = set(), {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            result[name] = parameter
+    return result
+
+
+def component_of(name: str) -> str:
+    """The component a parameter belongs to, from its name: embedding, attention, mlp, norm, lm_head, other."""
+    if "embed" in name:
+        return "embedding"
+    if "lm_head" in name:
+        return "lm_head"
+    if "norm" in name or ".ln_" in name:  # before attention: "post_attention_layernorm" is a norm
+        return "norm"
+    if any(key in name for key in ("self_attn", "attention", ".attn.")):
+        return "attention"
+    if any(key in name for key in (".mlp.", "feed_forward", ".ffn.")):
+        return "mlp"
+    return "other"
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by component (tied embedding and LM head counted once) plus "total"."""
+    counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0, "other": 0}
+    for name, parameter in _unique_parameters(model).items():
+        counts[component_of(name)] += parameter.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters occupy in their current dtype (tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in _unique_parameters(model).values())
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1,
+                  warmup: int = 1, repeats: int = 5, seed: int = 0) -> dict[str, float]:
+    """Time to first token and decode speed of greedy generation with the KV cache, median of repeats.
+
+    The prompt is `batch_size` rows of `prompt_tokens` random token ids (fixed `seed`, so every model
+    sees the same input). One run = a prefill forward pass (time to first token) followed by
+    `new_tokens - 1` single-token decode steps; the decode time excludes the prefill. `warmup` runs are
+    discarded. Works on CPU and CUDA (clocks are read after a device synchronization).
+    """
+    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise ValueError("measure_speed needs new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1.")
+    device = _device_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
+    cache_name = cache_argument_name(model)
+    ttft, decode = [], []
+    for run in range(warmup + repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        output = model(input_ids=prompt, use_cache=True)
+        next_token = output.logits[:, -1:].argmax(-1)
+        _synchronize(device)
+        first = time.perf_counter()
+        cache = output_cache(output)
+        for _ in range(new_tokens - 1):
+            output = model(input_ids=next_token, use_cache=True, **{cache_name: cache})
+            cache = output_cache(output)
+            next_token = output.logits[:, -1:].argmax(-1)
+        _synchronize(device)
+        done = time.perf_counter()
+        if run >= warmup:
+            ttft.append(first - start)
+            decode.append(done - first)
+    ttft_s = statistics.median(ttft)
+    decode_s = statistics.median(decode)
+    return {
+        "ttft_ms": 1000 * ttft_s,
+        "prefill_tokens_per_s": batch_size * prompt_tokens / ttft_s,
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s,
+        "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# lm-eval tasks over the offline corpora
+# ---------------------------------------------------------------------------------------------------
+
+TASKS = ("rearch_analogy", "rearch_sms_spam")
+
+
+def _analogy_docs(n_items: int, seed: int) -> list[dict]:
+    """Multiple choice: 'a is to b as c is to' with the right d and three wrong d's of the same category."""
+    questions = analogy_questions()
+    by_category: dict[str, list[list[str]]] = {}
+    for category, words in questions:
+        by_category.setdefault(category, []).append(words)
+    rng = random.Random(seed)
+    categories = sorted(by_category)
+    docs = []
+    for i in range(n_items):
+        category = categories[i % len(categories)]
+        a, b, c, d = rng.choice(by_category[category])
+        answers = sorted({words[3] for words in by_category[category]} - {d, a, b, c})
+        choices = rng.sample(answers, 3) + [d]
+        rng.shuffle(choices)
+        docs.append({"query": f"{a} is to {b} as {c} is to", "choices": choices, "gold": choices.index(d),
+                     "category": category})
+    return docs
+
+
+def _sms_docs(n_per_class: int, seed: int) -> list[dict]:
+    """Balanced spam/ham classification from the SMS evaluation split only (chance = 0.5)."""
+    messages = load_labeled("sms", "eval")
+    rng = random.Random(seed)
+    docs = []
+    for label in ("ham", "spam"):
+        pool = [text for text, message_label in messages if message_label == label]
+        for text in rng.sample(pool, min(n_per_class, len(pool))):
+            docs.append({"text": text, "label": 0 if label == "ham" else 1})
+    rng.shuffle(docs)
+    return docs
+
+
+_YAML = {
+    "rearch_analogy": """task: rearch_analogy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+    "rearch_sms_spam": """task: rearch_sms_spam
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Is this SMS message spam or ham (a normal message)?\\nMessage: {{{{text}}}}\\nAnswer:"
+doc_to_choice: ["ham", "spam"]
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+}
+
+
+def write_lm_eval_tasks(folder: str | Path | None = None, analogy_items: int = 280, sms_per_class: int = 100,
+                        seed: int = 0) -> Path:
+    """Write the course's lm-eval task YAMLs and their JSONL data into `folder` and return it.
+
+    rearch_analogy: word analogies as 4-way multiple choice (the word2vec questions, 14 categories).
+    rearch_sms_spam: ham/spam classification on the SMS evaluation split, balanced. Files are written
+    atomically, so a folder being written by another process is never read half-done.
+    """
+    folder = Path(folder) if folder else cache_root() / "lm_eval_tasks" / f"a{analogy_items}-s{sms_per_class}-seed{seed}"
+    data = {"rearch_analogy": _analogy_docs(analogy_items, seed), "rearch_sms_spam": _sms_docs(sms_per_class, seed)}
+    for task, docs in data.items():
+        data_path = folder / f"{task}.jsonl"
+        atomic_write_text(data_path, "".join(json.dumps(doc) + "\n" for doc in docs))
+        atomic_write_text(folder / f"{task}.yaml", _YAML[task].format(data=json.dumps(str(data_path))))
+    return folder
+
+
+def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = TASKS, limit: int | None = None,
+                batch_size: int = 16, task_folder: str | Path | None = None):
+    """Run lm-eval tasks on a model held in memory and return a table (pandas DataFrame).
+
+    Columns: task, metric, value, stderr. `limit` caps the documents per task (for quick tests).
+    Unknown task names get a ValueError listing the course's tasks.
+    """
+    import pandas as pd
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(TASKS)}")
+    folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device_of(model)))
+    results = simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, log_samples=False,
+                              task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                              verbosity="ERROR")
+    rows = []
+    for task in tasks:
+        for key, value in results["results"][task].items():
+            if key.endswith(",none") and not key.startswith(("alias", "sample")) and "_stderr" not in key:
+                metric = key.split(",")[0]
+                stderr = results["results"][task].get(f"{metric}_stderr,none")
+                rows.append({"task": task, "metric": metric, "value": float(value),
+                             "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def layer_count(model: nn.Module) -> int:
+    """Number of decoder blocks."""
+    return len(decoder_layers(model))
