@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-data.txt
 	touch $(STAMP)
 
 book: $(STAMP)
-	$(BIN)/jupyter-book build . --path-output _build
+	$(BIN)/jupyter-book build . --path-output .
 	@echo "The site is in _build/html (open _build/html/index.html)."
 
 test: $(STAMP)

@@ -130,3 +130,16 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("REARCH_CACHE_DIR", str(tmp_path / "c"))
     assert models.cache_root() == tmp_path / "c"
     assert os.path.isdir(tmp_path / "c")
+
+
+def test_architecture_summary_and_versions():
+    from utils.models import architecture_summary, build_config, library_versions, set_seed
+
+    summary = architecture_summary(build_config(ARCHITECTURES["smollm2-135m"]))
+    assert summary["layers"] == 30 and summary["kv heads"] == 3 and summary["head dim"] == 64
+    assert summary["KV bytes/token (bf16)"] == 2 * 30 * 3 * 64 * 2
+    assert library_versions()["torch"].startswith("2.")
+    set_seed(3)
+    a = torch.rand(2)
+    set_seed(3)
+    assert torch.equal(a, torch.rand(2))

@@ -335,3 +335,50 @@ def check_layer_indices(model: nn.Module, indices: list[int]) -> list[int]:
     if len(set(indices)) != len(indices):
         raise ValueError(f"Duplicate layer indices in {indices}.")
     return sorted(indices)
+
+
+def set_seed(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a chapter gives the same numbers on every run."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries the course depends on, for the first cells of a chapter."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "accelerate", "peft", "datasets", "lm_eval", "optipfair"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["device"] = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return versions
+
+
+def architecture_summary(config: PretrainedConfig) -> dict[str, object]:
+    """The facts of a config an anatomy lesson needs, under the same names for every family."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return {
+        "family": config.model_type,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "heads": heads,
+        "kv heads": kv_heads,
+        "head dim": head_dim,
+        "GLU width": config.intermediate_size,
+        "expansion": round(config.intermediate_size / config.hidden_size, 2),
+        "vocab": config.vocab_size,
+        "tied embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "activation": getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None),
+        "KV bytes/token (bf16)": 2 * config.num_hidden_layers * kv_heads * head_dim * 2,
+    }
