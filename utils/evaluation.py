@@ -46,7 +46,7 @@ def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     scored = attention_mask.bool()
     if score_mask is not None:
         scored &= score_mask.to(device).bool()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     return nll.item(), int((targets != -100).sum())

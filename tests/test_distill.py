@@ -1,0 +1,262 @@
+import copy
+
+import pytest
+import torch
+
+from utils.data import calibration_batches
+from utils.distill import (DistillHistory, check_disjoint, default_layer_map, distill, distillation_loss,
+                           distillation_metrics, hidden_state_loss, kd_loss, next_token_loss)
+from utils.models import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run much faster on one thread than on two contended cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _drop_layers(model, drop):
+    """A depth-pruned copy: blocks `drop` removed, config and each attention's layer_idx kept in sync."""
+    student = copy.deepcopy(model)
+    kept = [layer for i, layer in enumerate(student.model.layers) if i not in drop]
+    student.model.layers = torch.nn.ModuleList(kept)
+    student.config.num_hidden_layers = len(kept)
+    if getattr(student.config, "layer_types", None) is not None:
+        student.config.layer_types = [t for i, t in enumerate(student.config.layer_types) if i not in drop]
+    for index, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = index
+    return student
+
+
+def _random_batch(rows=2, length=12, seed=0):
+    ids = torch.randint(0, 256, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _outputs(model, batch, hidden=True):
+    return model(**batch, output_hidden_states=hidden, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_model("tiny-llama", seed=0)[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_model("tiny-llama")[1]
+
+
+def test_each_loss_term_alone_carries_gradient_to_the_student(teacher):
+    student = _drop_layers(teacher, [1, 2])
+    torch.nn.init.normal_(student.model.layers[1].mlp.down_proj.weight, std=0.05)  # differ from the teacher
+    batch = _random_batch()
+    layer_map = default_layer_map([0, 3], 4)
+    for weights in ({"ce_weight": 1.0, "kd_weight": 0.0}, {"ce_weight": 0.0, "kd_weight": 1.0},
+                    {"ce_weight": 0.0, "kd_weight": 0.0, "hidden_weight": 1.0}):
+        student.zero_grad(set_to_none=True)
+        s, t = _outputs(student, batch), _outputs(teacher, batch)
+        terms = distillation_loss(s.logits, t.logits.detach(), batch["input_ids"], batch["attention_mask"],
+                                  temperature=2.0, student_hidden_states=s.hidden_states,
+                                  teacher_hidden_states=[h.detach() for h in t.hidden_states],
+                                  layer_map=layer_map, **weights)
+        assert terms["loss"].item() > 0
+        terms["loss"].backward()
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads, weights
+        assert all(torch.isfinite(g).all() for g in grads), weights
+        assert sum(g.abs().sum() for g in grads) > 0, weights
+        assert student.model.embed_tokens.weight.grad.abs().sum() > 0, weights
+        assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_kl_is_zero_for_identical_models_and_positive_otherwise(teacher):
+    batch = _random_batch()
+    same = copy.deepcopy(teacher)
+    s, t = _outputs(same, batch), _outputs(teacher, batch)
+    assert kd_loss(s.logits, t.logits, batch["attention_mask"], temperature=2.0).item() == pytest.approx(0, abs=1e-7)
+    layer_map = default_layer_map(4, 4)
+    assert hidden_state_loss(s.hidden_states, t.hidden_states, layer_map).item() == pytest.approx(0, abs=1e-6)
+    other = tiny_model("tiny-llama", seed=1)[0]
+    o = _outputs(other, batch)
+    assert kd_loss(o.logits, t.logits, batch["attention_mask"], temperature=2.0).item() > 1e-6
+    assert hidden_state_loss(o.hidden_states, t.hidden_states, layer_map).item() > 0.1
+
+
+def test_temperature_scaling_has_the_t_squared_factor():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 11, generator=generator)
+    teacher = torch.randn(2, 5, 11, generator=generator)
+    reference = kd_loss(student, teacher, temperature=1.0)
+    for temperature in (0.5, 2.0, 4.0):
+        # logits scaled by T and softened by T give the same distributions, so only the T^2 factor remains
+        scaled = kd_loss(student * temperature, teacher * temperature, temperature=temperature)
+        assert scaled.item() == pytest.approx(temperature ** 2 * reference.item(), rel=1e-5)
+    manual = torch.nn.functional.kl_div(torch.log_softmax(student / 3, -1), torch.softmax(teacher / 3, -1),
+                                        reduction="none").sum(-1).mean() * 9
+    assert kd_loss(student, teacher, temperature=3.0).item() == pytest.approx(manual.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(student, teacher, temperature=0)
+
+
+def test_padding_is_masked(teacher):
+    student = tiny_model("tiny-llama", seed=1)[0]
+    layer_map = {1: 1, 4: 4}
+    pad = 258
+
+    def terms(batch):
+        s, t = _outputs(student, batch), _outputs(teacher, batch)
+        return distillation_loss(s.logits, t.logits, batch["input_ids"], batch["attention_mask"], temperature=2.0,
+                                 hidden_weight=1.0, student_hidden_states=s.hidden_states,
+                                 teacher_hidden_states=t.hidden_states, layer_map=layer_map)
+
+    batch = _random_batch(rows=2, length=10)
+    # right-padding every row with 5 padding columns, and adding a row that is only padding ...
+    ids = torch.full((3, 15), pad)
+    mask = torch.zeros_like(ids)
+    ids[:2, :10], mask[:2, :10] = batch["input_ids"], 1
+    padded = {"input_ids": ids, "attention_mask": mask}
+    base, extended = terms(batch), terms(padded)
+    for name in ("ce", "kd", "hidden"):
+        assert extended[name].item() == pytest.approx(base[name].item(), rel=1e-4), name
+    # ... and a short row counts by its real tokens only: the batch loss is the token-weighted average
+    short = {"input_ids": ids[:1, :4].clone(), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    ids2, mask2 = ids[:2, :10].clone(), torch.ones(2, 10, dtype=torch.long)
+    ids2[1, 4:], mask2[1, 4:] = pad, 0
+    ids2[1, :4] = short["input_ids"][0]
+    mixed, full_row, short_row = terms({"input_ids": ids2, "attention_mask": mask2}), terms(
+        {"input_ids": ids[:1, :10], "attention_mask": torch.ones(1, 10, dtype=torch.long)}), terms(short)
+    assert mixed["kd"].item() == pytest.approx((10 * full_row["kd"] + 4 * short_row["kd"]).item() / 14, rel=1e-4)
+    assert mixed["ce"].item() == pytest.approx((9 * full_row["ce"] + 3 * short_row["ce"]).item() / 12, rel=1e-4)
+    # labels of -100 are ignored like padding
+    labels = batch["input_ids"].clone()
+    labels[:, 5:] = -100
+    logits = _outputs(student, batch, hidden=False).logits
+    cut = {"input_ids": batch["input_ids"][:, :5]}
+    assert next_token_loss(logits, labels).item() == pytest.approx(
+        next_token_loss(_outputs(student, cut, hidden=False).logits, cut["input_ids"]).item(), rel=1e-4)
+
+
+def test_vocabulary_mismatch_is_a_clear_error(teacher):
+    other = tiny_model("tiny-llama", vocab_size=400)[0]
+    batch = _random_batch()
+    s, t = _outputs(other, batch, hidden=False), _outputs(teacher, batch, hidden=False)
+    with pytest.raises(ValueError, match="400.*320"):
+        distillation_loss(s.logits, t.logits, batch["input_ids"])
+    with pytest.raises(ValueError, match="student config.vocab_size 400, teacher config.vocab_size 320"):
+        distill(other, teacher, [batch], steps=1, progress=False)
+
+
+def test_layer_maps_and_their_errors(teacher):
+    assert default_layer_map([0, 1, 4, 5], 6) == {1: 1, 2: 2, 3: 5, 4: 6}
+    assert default_layer_map([0, 2], 6) == {1: 1, 2: 6}  # final states are both after the final norm
+    assert default_layer_map(2, 4) == {1: 2, 2: 4}
+    assert default_layer_map(4, 4) == {1: 1, 2: 2, 3: 3, 4: 4}
+    with pytest.raises(ValueError, match="out of range.*0..3"):
+        default_layer_map([0, 4], 4)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        default_layer_map([2, 1], 4)
+    with pytest.raises(ValueError, match="empty"):
+        default_layer_map([], 4)
+    student = _drop_layers(teacher, [1, 2])
+    batch = _random_batch()
+    with pytest.raises(ValueError, match=r"\{3: 3\}.*student hidden-state indices must be in 0..2"):
+        distill(student, teacher, [batch], steps=1, hidden_weight=1.0, layer_map={1: 1, 3: 3}, progress=False)
+    with pytest.raises(ValueError, match=r"\{2: 9\}.*teacher ones in 0..4"):
+        distill(student, teacher, [batch], steps=1, hidden_weight=1.0, layer_map={2: 9}, progress=False)
+    narrow = tiny_model("tiny-llama", hidden_size=32, num_hidden_layers=2)[0]
+    with pytest.raises(ValueError, match="equal hidden sizes.*32.*64"):
+        distill(narrow, teacher, [batch], steps=1, hidden_weight=1.0, progress=False)
+    s, t = _outputs(narrow, batch), _outputs(teacher, batch)
+    with pytest.raises(ValueError, match="equal hidden sizes"):
+        hidden_state_loss(s.hidden_states, t.hidden_states, {1: 1})
+    with pytest.raises(ValueError, match="needs student_hidden_states"):
+        distillation_loss(s.logits, t.logits, batch["input_ids"], hidden_weight=1.0)
+
+
+def test_argument_and_batch_errors(teacher):
+    student = _drop_layers(teacher, [1, 2])
+    batch = _random_batch()
+    with pytest.raises(ValueError, match="steps.*>= 1"):
+        distill(student, teacher, [batch], steps=0, progress=False)
+    with pytest.raises(ValueError, match="train_batches is empty"):
+        distill(student, teacher, [], steps=1, progress=False)
+    with pytest.raises(ValueError, match="single dict"):
+        distill(student, teacher, batch, steps=1, progress=False)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        distill(student, teacher, [batch], steps=2, warmup_steps=3, progress=False)
+    with pytest.raises(ValueError, match="grad_accum"):
+        distill(student, teacher, [batch], steps=1, grad_accum=0, progress=False)
+    with pytest.raises(ValueError, match="weights are 0"):
+        distill(student, teacher, [batch], steps=1, ce_weight=0, kd_weight=0, progress=False)
+    with pytest.raises(ValueError, match="evaluation rows also appear in the training"):
+        distill(student, teacher, [batch], steps=1, eval_batches=[_random_batch(), _random_batch(seed=1)],
+                progress=False)
+    check_disjoint([batch], [_random_batch(seed=1)])  # disjoint: no error
+    with pytest.raises(ValueError, match="shares parameter"):
+        shallow = copy.copy(teacher)
+        distill(shallow, teacher, [batch], steps=1, progress=False)
+    with pytest.raises(ValueError, match="teacher itself"):
+        distill(teacher, teacher, [batch], steps=1, progress=False)
+
+
+def test_short_distillation_lowers_kd_loss_and_leaves_the_teacher_unchanged(teacher, tokenizer):
+    train = calibration_batches(tokenizer, "news", n_samples=8, seq_len=32, batch_size=4, split="train")
+    held_out = calibration_batches(tokenizer, "news", n_samples=4, seq_len=32, batch_size=4, split="validation")
+    student = _drop_layers(teacher, [1, 2])
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    start = distillation_metrics(student, teacher, train)["kd"]
+    calls = []
+
+    def eval_fn(model):
+        calls.append(model.training)
+        return distillation_metrics(model, teacher, held_out)["ce"]
+
+    history = distill(student, teacher, train, steps=12, lr=3e-3, warmup_steps=2, ce_weight=0.0, kd_weight=1.0,
+                      hidden_weight=0.1, layer_map=default_layer_map([0, 3], 4), eval_fn=eval_fn,
+                      eval_batches=held_out, eval_every=5, progress=False)
+    end = distillation_metrics(student, teacher, train)["kd"]
+    assert end < 0.5 * start  # ce_weight=0: the random teacher's text model is no target worth learning
+    assert isinstance(history, DistillHistory)
+    assert [row["step"] for row in history.train] == list(range(1, 13))
+    assert {"loss", "ce", "kd", "hidden", "lr", "grad_norm", "tokens", "elapsed_s"} <= set(history.train[0])
+    assert [row["step"] for row in history.eval] == [0, 5, 10, 12]
+    assert calls == [False] * 4  # the student is evaluated in eval mode
+    assert all("eval" in row and "eval_kd" in row and "eval_ppl" in row for row in history.eval)
+    assert history.eval[-1]["eval_kd"] < history.eval[0]["eval_kd"]
+    assert history.column("elapsed_s") == sorted(history.column("elapsed_s"))
+    assert not student.training and not teacher.training
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before_teacher[name]), name
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_schedule_warms_up_then_decays(teacher):
+    student = _drop_layers(teacher, [1, 2])
+    history = distill(student, teacher, [_random_batch()], steps=10, lr=1e-3, warmup_steps=4, progress=True)
+    lrs = history.column("lr")
+    assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(b < a for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] < 0.1 * 1e-3
+
+
+def test_grad_accumulation_matches_one_big_batch_and_counts_steps(teacher):
+    big = _random_batch(rows=4, length=12, seed=3)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    one = _drop_layers(teacher, [1, 2])
+    two = _drop_layers(teacher, [1, 2])
+    settings = dict(steps=1, lr=1e-3, temperature=2.0, max_grad_norm=0.5, progress=False)
+    h_one = distill(one, teacher, [big], **settings)
+    h_two = distill(two, teacher, halves, grad_accum=2, **settings)
+    assert h_two.train[0]["loss"] == pytest.approx(h_one.train[0]["loss"], rel=1e-5)
+    assert h_two.train[0]["grad_norm"] == pytest.approx(h_one.train[0]["grad_norm"], rel=1e-4)
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    # three steps of two accumulated batches consume six batches of 2 x 12 tokens
+    history = distill(_drop_layers(teacher, [1, 2]), teacher, halves, steps=3, grad_accum=2, progress=False)
+    assert len(history.train) == 3
+    assert history.column("tokens") == [48, 96, 144]

@@ -1,0 +1,559 @@
+"""Knowledge distillation: training a smaller student to imitate a teacher, token by token.
+
+The loss has three terms, each a pure function of tensors so a notebook can inspect it alone:
+
+- `next_token_loss`: ordinary cross-entropy on the next token (the student learns the text itself);
+- `kd_loss`: KL(teacher || student) between temperature-softened distributions, scaled by T^2 so that its
+  gradient keeps the same size whatever the temperature (Hinton et al., 2015);
+- `hidden_state_loss`: 1 - cosine similarity between student and teacher hidden states, for pairs given
+  by a layer map (student hidden-state index -> teacher hidden-state index).
+
+Hidden-state indices follow `output_hidden_states=True`: index 0 is the embedding output, index i the
+output of decoder block i-1, and the last index (= number of blocks) the output of the last block after
+the final norm. Every term averages over real tokens only: positions where `attention_mask` is 0
+(padding) never count. `distill` runs the training loop (AdamW, warm-up then cosine decay, gradient
+accumulation and clipping) with the teacher frozen, and returns a `DistillHistory`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .models import decoder_layers
+
+Batch = Mapping[str, torch.Tensor]
+EvalFn = Callable[[nn.Module], "float | Mapping[str, float]"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss terms (pure functions of tensors)
+# ---------------------------------------------------------------------------------------------------
+
+def _mask_or_ones(attention_mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The attention mask as booleans of shape (batch, seq), all True when none is given."""
+    if attention_mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but the tokens have shape "
+                         f"{tuple(shape)} (batch, sequence); they must match.")
+    return attention_mask.to(device).bool()
+
+
+def check_same_vocabulary(student_size: int, teacher_size: int, what: str = "vocabulary size") -> None:
+    """Raise a ValueError naming both sizes when student and teacher do not share one vocabulary.
+
+    Distillation on logits compares the two distributions token id by token id, so it needs the same
+    tokenizer and the same number of output logits in both models.
+    """
+    if int(student_size) != int(teacher_size):
+        raise ValueError(f"Student and teacher have different vocabularies: student {what} {student_size}, "
+                         f"teacher {what} {teacher_size}. Logit distillation needs the same tokenizer and the "
+                         "same vocabulary size in both models.")
+
+
+def _check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+        raise ValueError(f"Logits must be 3-D (batch, sequence, vocabulary); got student "
+                         f"{tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}.")
+    check_same_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], "logits size")
+    if student_logits.shape[:2] != teacher_logits.shape[:2]:
+        raise ValueError(f"Student logits cover (batch, sequence) = {tuple(student_logits.shape[:2])}, teacher "
+                         f"logits {tuple(teacher_logits.shape[:2])}: both models must read the same batch.")
+
+
+def next_token_loss(student_logits: torch.Tensor, labels: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of the student over the real tokens of a batch.
+
+    `labels` are the token ids (usually the input ids; the shift by one happens here, as in transformers),
+    with -100 marking tokens not to score. Token t is scored as the prediction at position t-1, and only
+    where both positions are real (`attention_mask` 1), so padding on either side never counts. Computed
+    in float32; a batch without any scored token gives 0.
+    """
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
+        raise ValueError(f"Expected logits (batch, sequence, vocabulary) and labels (batch, sequence); got "
+                         f"{tuple(student_logits.shape)} and {tuple(labels.shape)}.")
+    labels = labels.to(student_logits.device)
+    mask = _mask_or_ones(attention_mask, labels.shape, student_logits.device)
+    scored = mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != -100)
+    logits = student_logits[:, :-1][scored].float()
+    if logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return F.cross_entropy(logits, labels[:, 1:][scored])
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            attention_mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened next-token distributions, times T^2.
+
+    Both logits are divided by `temperature` T before the softmax; the KL divergence is summed over the
+    vocabulary, averaged over the real positions (`attention_mask` 1) and multiplied by T^2, which keeps
+    the gradient's size independent of T. The teacher logits are treated as constants (detached).
+    Computed in float32. Zero exactly when the two distributions agree.
+    """
+    _check_logits_pair(student_logits, teacher_logits)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    mask = _mask_or_ones(attention_mask, student_logits.shape[:2], student_logits.device)
+    student = student_logits[mask].float() / temperature
+    teacher = teacher_logits.to(student_logits.device)[mask].detach().float() / temperature
+    if student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
+                  reduction="none").sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+def check_layer_map(layer_map: Mapping[int, int], n_student_states: int, n_teacher_states: int) -> dict[int, int]:
+    """Validate a layer map against the number of hidden states of each model and return it as a dict.
+
+    A model with n decoder blocks has n + 1 hidden states (indices 0..n). Raises a ValueError for an
+    empty map, or naming the offending pairs and the valid ranges for an index outside either model.
+    """
+    if not layer_map:
+        raise ValueError("The layer map is empty: give at least one pair {student hidden-state index: teacher "
+                         "hidden-state index} (see default_layer_map).")
+    layer_map = {int(s): int(t) for s, t in layer_map.items()}
+    bad = {s: t for s, t in layer_map.items()
+           if not (0 <= s < n_student_states and 0 <= t < n_teacher_states)}
+    if bad:
+        raise ValueError(f"Layer map pairs {bad} point outside the models: student hidden-state indices must be "
+                         f"in 0..{n_student_states - 1} and teacher ones in 0..{n_teacher_states - 1} "
+                         "(index 0 = embeddings, index i = output of block i-1).")
+    return layer_map
+
+
+def hidden_state_loss(student_hidden_states: Sequence[torch.Tensor], teacher_hidden_states: Sequence[torch.Tensor],
+                      layer_map: Mapping[int, int], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of 1 - cosine similarity between mapped student and teacher hidden states, over real tokens.
+
+    `layer_map` maps a student hidden-state index to a teacher hidden-state index (the tuples returned
+    with `output_hidden_states=True`). For each pair the cosine is taken per token over the hidden
+    dimension, averaged over the real tokens; the result is the average over pairs. The teacher states
+    are treated as constants. Needs equal hidden sizes: a ValueError says so otherwise.
+    """
+    layer_map = check_layer_map(layer_map, len(student_hidden_states), len(teacher_hidden_states))
+    first = student_hidden_states[0]
+    mask = _mask_or_ones(attention_mask, first.shape[:2], first.device)
+    terms = []
+    for s, t in layer_map.items():
+        student, teacher = student_hidden_states[s], teacher_hidden_states[t]
+        if student.shape[-1] != teacher.shape[-1]:
+            raise ValueError(f"The hidden-state loss needs equal hidden sizes: student state {s} has size "
+                             f"{student.shape[-1]}, teacher state {t} has {teacher.shape[-1]}. Set hidden_weight=0 "
+                             "or distill into a student of the teacher's width.")
+        if student.shape[:2] != teacher.shape[:2]:
+            raise ValueError(f"Student state {s} covers {tuple(student.shape[:2])} tokens, teacher state {t} "
+                             f"{tuple(teacher.shape[:2])}: both models must read the same batch.")
+        student = student[mask].float()
+        teacher = teacher.to(first.device)[mask].detach().float()
+        if student.shape[0] == 0:
+            terms.append(first.sum() * 0.0)
+        else:
+            terms.append((1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean())
+    return torch.stack(terms).mean()
+
+
+def _check_weights(ce_weight: float, kd_weight: float, hidden_weight: float) -> None:
+    weights = {"ce_weight": ce_weight, "kd_weight": kd_weight, "hidden_weight": hidden_weight}
+    negative = {name: value for name, value in weights.items() if not value >= 0}
+    if negative:
+        raise ValueError(f"Loss weights must be >= 0, got {negative}.")
+    if sum(weights.values()) == 0:
+        raise ValueError("All loss weights are 0 (ce_weight, kd_weight, hidden_weight): at least one must be > 0.")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *, temperature: float = 2.0,
+                      ce_weight: float = 0.5, kd_weight: float = 0.5, hidden_weight: float = 0.0,
+                      student_hidden_states: Sequence[torch.Tensor] | None = None,
+                      teacher_hidden_states: Sequence[torch.Tensor] | None = None,
+                      layer_map: Mapping[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """The weighted distillation loss and its terms: {"loss", "ce", "kd"} plus "hidden" when used.
+
+    loss = ce_weight * next_token_loss + kd_weight * kd_loss(temperature) + hidden_weight * hidden_state_loss.
+    The hidden term is computed when `hidden_weight` > 0 or a `layer_map` is given; it needs both models'
+    hidden states and the layer map. Terms with weight 0 are still returned (for logging) but do not
+    enter "loss". Raises a ValueError for different vocabularies, naming both sizes.
+    """
+    _check_weights(ce_weight, kd_weight, hidden_weight)
+    _check_logits_pair(student_logits, teacher_logits)
+    terms = {"ce": next_token_loss(student_logits, labels, attention_mask),
+             "kd": kd_loss(student_logits, teacher_logits, attention_mask, temperature)}
+    if hidden_weight > 0 or layer_map is not None:
+        if student_hidden_states is None or teacher_hidden_states is None or layer_map is None:
+            raise ValueError("The hidden-state term needs student_hidden_states, teacher_hidden_states (run both "
+                             "models with output_hidden_states=True) and a layer_map (see default_layer_map).")
+        terms["hidden"] = hidden_state_loss(student_hidden_states, teacher_hidden_states, layer_map, attention_mask)
+    weights = {"ce": ce_weight, "kd": kd_weight, "hidden": hidden_weight}
+    total = sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
+    return {"loss": total, **terms}
+
+
+def default_layer_map(student_layers: Sequence[int] | int, n_teacher: int) -> dict[int, int]:
+    """A layer map from student hidden-state indices to teacher hidden-state indices.
+
+    With a list of the teacher blocks a depth-pruned student kept (in order, e.g. [0, 1, 4, 5]), the
+    output of student block j is mapped to the output of teacher block kept[j] it came from. With a
+    number of student blocks, student block j is mapped to the teacher block at the same relative
+    depth. In both cases the student's last hidden state, which transformers returns after the final
+    norm, is mapped to the teacher's last one (also after the final norm); the embeddings (index 0) are
+    not mapped.
+    """
+    if int(n_teacher) < 1:
+        raise ValueError(f"n_teacher must be >= 1 decoder block, got {n_teacher}.")
+    if isinstance(student_layers, int) or (isinstance(student_layers, torch.Tensor) and student_layers.dim() == 0):
+        n_student = int(student_layers)
+        if n_student < 1:
+            raise ValueError(f"The student needs at least 1 decoder block, got {n_student}.")
+        return {j: max(1, round(j * n_teacher / n_student)) for j in range(1, n_student + 1)}
+    kept = [int(i) for i in student_layers]
+    if not kept:
+        raise ValueError("student_layers is empty: give the teacher blocks the student kept, or their number.")
+    bad = [i for i in kept if not 0 <= i < n_teacher]
+    if bad:
+        raise ValueError(f"Kept blocks {bad} are out of range: the teacher has {n_teacher} blocks, valid indices "
+                         f"are 0..{n_teacher - 1}.")
+    if any(b <= a for a, b in zip(kept, kept[1:])):
+        raise ValueError(f"Kept blocks {kept} must be strictly increasing: a pruned student keeps the teacher's "
+                         "order and each block once.")
+    layer_map = {j + 1: block + 1 for j, block in enumerate(kept)}
+    layer_map[len(kept)] = n_teacher  # both final states are taken after the final norm
+    return layer_map
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the models
+# ---------------------------------------------------------------------------------------------------
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _n_blocks(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def _text_config(model: nn.Module):
+    """The config that holds vocab_size and hidden_size (the text part of a multimodal config)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _check_batches(batches: Sequence[Batch], what: str) -> list[Batch]:
+    """Batches must be a non-empty list of dicts with 2-D input_ids and, if present, a matching mask."""
+    if isinstance(batches, Mapping):
+        raise ValueError(f"{what} must be a list of batches (dicts), got a single dict; wrap it in a list.")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{what} is empty: give at least one batch such as those of "
+                         "utils.data.calibration_batches(tokenizer, split='train').")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(f"{what}[{i}] must be a dict with 'input_ids' (and optionally 'attention_mask').")
+        ids = batch["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0:
+            raise ValueError(f"{what}[{i}]['input_ids'] must be a non-empty 2-D tensor (batch, sequence).")
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"{what}[{i}]: attention_mask {tuple(mask.shape)} does not match input_ids "
+                             f"{tuple(ids.shape)}.")
+        real = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+        if int(real.max()) < 2:
+            raise ValueError(f"{what}[{i}] has no row with at least 2 real tokens: nothing to predict.")
+    return batches
+
+
+def _rows(batches: Sequence[Batch]) -> set[tuple[int, ...]]:
+    rows = set()
+    for batch in batches:
+        ids = batch["input_ids"].cpu()
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.cpu().bool()
+        for row, row_mask in zip(ids, mask):
+            rows.add(tuple(row[row_mask].tolist()))
+    return rows
+
+
+def check_disjoint(train_batches: Sequence[Batch], eval_batches: Sequence[Batch]) -> None:
+    """Raise a ValueError when a row of the evaluation batches also appears in the training batches.
+
+    Rows are compared by their real tokens. Held-out numbers are only meaningful on text the student
+    was not trained on: take training batches from split="train" and evaluation ones from "validation".
+    """
+    shared = _rows(train_batches) & _rows(eval_batches)
+    if shared:
+        raise ValueError(f"{len(shared)} evaluation rows also appear in the training batches: evaluation must be "
+                         "held out. Use calibration_batches(..., split='train') for training and "
+                         "split='validation' for evaluation.")
+
+
+def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """Student and teacher must be distinct, share no parameters, and have one vocabulary."""
+    if student is teacher:
+        raise ValueError("The student is the teacher itself: distill into a separate model (copy.deepcopy).")
+    teacher_params = {p.data_ptr() for p in teacher.parameters()}
+    if any(p.data_ptr() in teacher_params for p in student.parameters()):
+        raise ValueError("The student shares parameter tensors with the teacher, so training it would change the "
+                         "teacher. Build the student from copy.deepcopy(teacher), or prune with inplace=False.")
+    check_same_vocabulary(_text_config(student).vocab_size, _text_config(teacher).vocab_size, "config.vocab_size")
+
+
+def _forward(model: nn.Module, batch: Batch, hidden: bool):
+    device = _device_of(model)
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
+
+
+def _batch_terms(student: nn.Module, teacher: nn.Module, batch: Batch, *, temperature: float, ce_weight: float,
+                 kd_weight: float, hidden_weight: float,
+                 layer_map: Mapping[int, int] | None) -> dict[str, torch.Tensor]:
+    """Forward both models on one batch (the teacher under no_grad) and return the loss terms."""
+    hidden = layer_map is not None
+    with torch.no_grad():
+        teacher_out = _forward(teacher, batch, hidden)
+    student_out = _forward(student, batch, hidden)
+    device = student_out.logits.device
+    mask = batch.get("attention_mask")
+    return distillation_loss(
+        student_out.logits, teacher_out.logits.to(device), batch["input_ids"].to(device),
+        None if mask is None else mask.to(device), temperature=temperature, ce_weight=ce_weight,
+        kd_weight=kd_weight, hidden_weight=hidden_weight,
+        student_hidden_states=student_out.hidden_states if hidden else None,
+        teacher_hidden_states=teacher_out.hidden_states if hidden else None, layer_map=layer_map)
+
+
+def _token_counts(batch: Batch) -> tuple[int, int]:
+    """Real positions (what the KD and hidden terms average over) and scored next-token targets (CE)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    return int(mask.sum()), int((mask[:, 1:] & mask[:, :-1]).sum())
+
+
+@torch.no_grad()
+def distillation_metrics(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], *,
+                         temperature: float = 2.0, layer_map: Mapping[int, int] | None = None,
+                         progress: bool = False) -> dict[str, float]:
+    """Token-weighted loss terms of the student against the teacher on a list of batches.
+
+    Returns {"ce", "ppl", "kd"} plus "hidden" with a `layer_map`: next-token cross-entropy and the
+    student's perplexity exp(ce), the T^2-scaled KL to the teacher, and the hidden-state cosine loss,
+    each averaged over the real tokens of all batches together. Both models run in eval mode; their
+    previous modes are restored afterwards.
+    """
+    batches = _check_batches(batches, "batches")
+    _check_pair(student, teacher)
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    sums = {"ce": 0.0, "kd": 0.0, "hidden": 0.0}
+    positions_total, targets_total = 0, 0
+    try:
+        for batch in tqdm(batches, desc="distillation metrics", disable=not progress, leave=False):
+            terms = _batch_terms(student, teacher, batch, temperature=temperature, ce_weight=1.0, kd_weight=0.0,
+                                 hidden_weight=0.0, layer_map=layer_map)
+            positions, targets = _token_counts(batch)
+            sums["ce"] += terms["ce"].item() * targets
+            sums["kd"] += terms["kd"].item() * positions
+            if "hidden" in terms:
+                sums["hidden"] += terms["hidden"].item() * positions
+            positions_total += positions
+            targets_total += targets
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    ce = sums["ce"] / max(targets_total, 1)
+    metrics = {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kd": sums["kd"] / positions_total}
+    if layer_map is not None:
+        metrics["hidden"] = sums["hidden"] / positions_total
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistillHistory:
+    """What `distill` recorded: one row per optimizer step in `train`, one row per evaluation in `eval`.
+
+    Train rows: step, loss, ce, kd (and hidden when used), lr (the rate the step used), grad_norm (before
+    clipping), tokens (real tokens seen so far), elapsed_s. Eval rows: step (0 = before training),
+    elapsed_s, and the metrics ("eval" for a float-returning `eval_fn`, its keys for a dict, "eval_ce",
+    "eval_ppl", "eval_kd" for `eval_batches`). `pandas.DataFrame(history.train)` gives a table.
+    """
+
+    train: list[dict[str, float]] = field(default_factory=list)
+    eval: list[dict[str, float]] = field(default_factory=list)
+
+    def column(self, key: str, part: str = "train") -> list[float]:
+        """The values of one key over the rows of `part` ("train" or "eval") that have it."""
+        if part not in ("train", "eval"):
+            raise ValueError(f"part must be 'train' or 'eval', got {part!r}.")
+        return [row[key] for row in getattr(self, part) if key in row]
+
+
+def _check_training_arguments(steps: int, lr: float, grad_accum: int, warmup_steps: int, temperature: float,
+                              eval_every: int | None, max_grad_norm: float | None, weight_decay: float) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps (optimizer steps) must be an integer >= 1, got {steps!r}.")
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum (batches per optimizer step) must be an integer >= 1, got {grad_accum!r}.")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}.")
+    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be an integer in 0..steps ({steps}), got {warmup_steps!r}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+        raise ValueError(f"eval_every must be an integer >= 1 or None (evaluate at start and end), got {eval_every!r}.")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}.")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+
+
+def _batch_stream(batches: list[Batch], shuffle: bool, seed: int):
+    """Cycle through the batches forever; with `shuffle`, in a new seeded order on every pass."""
+    if not shuffle:
+        yield from itertools.cycle(batches)
+        return
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(batches)))
+        rng.shuffle(order)
+        for i in order:
+            yield batches[i]
+
+
+def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batch], *, steps: int,
+            lr: float = 1e-4, grad_accum: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
+            max_grad_norm: float | None = 1.0, temperature: float = 2.0, ce_weight: float = 0.5,
+            kd_weight: float = 0.5, hidden_weight: float = 0.0, layer_map: Mapping[int, int] | None = None,
+            eval_fn: EvalFn | None = None, eval_batches: Sequence[Batch] | None = None,
+            eval_every: int | None = None, check_overlap: bool = True, shuffle: bool = False,
+            device: str | torch.device | None = None, progress: bool = True, seed: int = 0) -> DistillHistory:
+    """Train `student` to imitate `teacher` on `train_batches` and return the history of the run.
+
+    Each of the `steps` optimizer steps accumulates the gradients of `grad_accum` batches (each batch's
+    loss divided by `grad_accum`), taken in order from `train_batches` and cycled as needed (`shuffle`
+    re-orders every pass, seeded). AdamW with linear warm-up over `warmup_steps` then cosine decay to 0
+    (transformers' get_cosine_schedule_with_warmup); gradients clipped to `max_grad_norm`. The loss is
+    `distillation_loss` with the given weights; `hidden_weight` > 0 adds the hidden-state term over
+    `layer_map` (default: `default_layer_map` by relative depth). The teacher runs in eval mode under
+    no_grad and is never changed (its mode is restored at the end). Held-out evaluation, before training,
+    every `eval_every` steps and at the end: `eval_fn(student)` (a float or a dict of floats, e.g. a
+    perplexity) and/or `distillation_metrics` on `eval_batches`, which must not share rows with the
+    training batches (`check_overlap`). `device` moves the student (default: where it is); the teacher
+    stays where it is and gets each batch on its own device. `seed` seeds torch and the shuffling. The
+    student is returned to eval mode at the end, trained in place.
+    """
+    _check_training_arguments(steps, lr, grad_accum, warmup_steps, temperature, eval_every, max_grad_norm,
+                              weight_decay)
+    _check_weights(ce_weight, kd_weight, hidden_weight)
+    train_batches = _check_batches(train_batches, "train_batches")
+    _check_pair(student, teacher)
+    if eval_batches is not None:
+        eval_batches = _check_batches(eval_batches, "eval_batches")
+        if check_overlap:
+            check_disjoint(train_batches, eval_batches)
+    if eval_fn is not None and not callable(eval_fn):
+        raise ValueError(f"eval_fn must be a function eval_fn(student) -> float, got {type(eval_fn).__name__}.")
+    if hidden_weight > 0 or layer_map is not None:
+        student_width, teacher_width = _text_config(student).hidden_size, _text_config(teacher).hidden_size
+        if student_width != teacher_width:
+            raise ValueError(f"The hidden-state loss needs equal hidden sizes: student hidden_size "
+                             f"{student_width}, teacher {teacher_width}. Set "
+                             "hidden_weight=0 or distill into a student of the teacher's width.")
+        if layer_map is None:
+            layer_map = default_layer_map(_n_blocks(student), _n_blocks(teacher))
+        layer_map = check_layer_map(layer_map, _n_blocks(student) + 1, _n_blocks(teacher) + 1)
+
+    if device is not None:
+        student.to(device)
+    torch.manual_seed(seed)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("The student has no trainable parameters (every requires_grad is False).")
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    history = DistillHistory()
+    start = time.perf_counter()
+    kwargs = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, hidden_weight=hidden_weight,
+                  layer_map=layer_map)
+
+    def evaluate(step: int) -> dict[str, float]:
+        row: dict[str, float] = {"step": step}
+        if eval_fn is not None:
+            student.eval()
+            with torch.no_grad():
+                value = eval_fn(student)
+            if isinstance(value, Mapping):
+                row.update({k: float(v) for k, v in value.items()})
+            else:
+                row["eval"] = float(value)
+        if eval_batches is not None:
+            metrics = distillation_metrics(student, teacher, eval_batches, temperature=temperature,
+                                           layer_map=layer_map)
+            row.update({f"eval_{k}": v for k, v in metrics.items()})
+        row["elapsed_s"] = time.perf_counter() - start
+        history.eval.append(row)
+        return row
+
+    evaluating = eval_fn is not None or eval_batches is not None
+    stream = _batch_stream(train_batches, shuffle, seed)
+    tokens = 0
+    running = None
+    postfix: dict[str, str] = {}
+    try:
+        if evaluating:
+            postfix.update({k: f"{v:.4g}" for k, v in evaluate(0).items() if k not in ("step", "elapsed_s")})
+        student.train()
+        bar = tqdm(range(1, steps + 1), desc="distill", disable=not progress)
+        for step in bar:
+            lr_now = optimizer.param_groups[0]["lr"]
+            sums: dict[str, float] = {}
+            for _ in range(grad_accum):
+                batch = next(stream)
+                terms = _batch_terms(student, teacher, batch, **kwargs)
+                (terms["loss"] / grad_accum).backward()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.item() / grad_accum
+                tokens += _token_counts(batch)[0]
+            if not math.isfinite(sums["loss"]):
+                raise FloatingPointError(f"The distillation loss became {sums['loss']} at step {step}; lower lr "
+                                         f"(now {lr_now:.3g}) or check the inputs.")
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.train.append({"step": step, **sums, "lr": lr_now, "grad_norm": float(grad_norm),
+                                  "tokens": tokens, "elapsed_s": time.perf_counter() - start})
+            running = sums["loss"] if running is None else 0.9 * running + 0.1 * sums["loss"]
+            postfix.update(loss=f"{running:.4g}", kd=f"{sums['kd']:.4g}", lr=f"{lr_now:.2e}")
+            if evaluating and (step == steps or (eval_every is not None and step % eval_every == 0)):
+                postfix.update({k: f"{v:.4g}" for k, v in evaluate(step).items() if k not in ("step", "elapsed_s")})
+                student.train()
+            bar.set_postfix(postfix, refresh=False)
+        bar.close()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        student.eval()
+        teacher.train(teacher_was_training)
+    return history
