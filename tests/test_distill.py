@@ -260,3 +260,19 @@ def test_grad_accumulation_matches_one_big_batch_and_counts_steps(teacher):
     history = distill(_drop_layers(teacher, [1, 2]), teacher, halves, steps=3, grad_accum=2, progress=False)
     assert len(history.train) == 3
     assert history.column("tokens") == [48, 96, 144]
+
+
+def test_train_only_blocks_from_freezes_the_prefix_and_embeddings():
+    from utils.distill import train_only_blocks_from
+    from utils.models import tiny_model
+
+    model, _ = tiny_model("tiny-llama")
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    trainable = train_only_blocks_from(model, 2)
+    assert trainable == 2 * block + model.model.norm.weight.numel()
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert all(not p.requires_grad for p in model.model.layers[1].parameters())
+    assert all(p.requires_grad for p in model.model.layers[2].parameters())
+    assert train_only_blocks_from(model, 0, train_embeddings=True) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="first_block must be in 0..3"):
+        train_only_blocks_from(model, 4)

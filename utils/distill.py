@@ -557,3 +557,25 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
         student.eval()
         teacher.train(teacher_was_training)
     return history
+
+
+def train_only_blocks_from(student: nn.Module, first_block: int, train_embeddings: bool = False) -> int:
+    """Freeze everything before decoder block `first_block` (and the embeddings unless asked) and return
+    the number of trainable parameters left.
+
+    Healing a depth-pruned model mostly needs the blocks after the cut to adapt to their new input.
+    Freezing the blocks before it makes each step cheaper: the backward pass stops at the first trainable
+    block, and the optimizer holds state only for what trains. The final norm and the blocks from
+    `first_block` on stay trainable. Raises a ValueError for a block index outside the model.
+    """
+    blocks = decoder_layers(student)
+    if not 0 <= first_block < len(blocks):
+        raise ValueError(f"first_block must be in 0..{len(blocks) - 1} (the student has {len(blocks)} blocks), got {first_block}.")
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    for parameter in student.get_input_embeddings().parameters():
+        parameter.requires_grad_(train_embeddings)
+    for block in list(blocks)[:first_block]:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+    return sum(p.numel() for p in student.parameters() if p.requires_grad)
