@@ -7,8 +7,8 @@ work=$(mktemp -d)
 git clone -q "$root" "$work/clone"
 cd "$work/clone"
 start=$(date +%s)
-REARCH_CACHE_DIR="$work/cache" make test > "$work/log" 2>&1
-status=$?
+status=0
+REARCH_CACHE_DIR="$work/cache" make test > "$work/log" 2>&1 || status=$?
 end=$(date +%s)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -18,3 +18,4 @@ end=$(date +%s)
   tail -n 3 "$work/log"
 } | tee "$root/benchmarks/results/fresh_clone_test.txt"
 rm -rf "$work"
+exit "$status"
