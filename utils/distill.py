@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .models import decoder_layers
+from .models import decoder_layers, model_device
 
 Batch = Mapping[str, torch.Tensor]
 EvalFn = Callable[[nn.Module], "float | Mapping[str, float]"]
@@ -237,10 +237,6 @@ def default_layer_map(student_layers: Sequence[int] | int, n_teacher: int) -> di
 # Running the models
 # ---------------------------------------------------------------------------------------------------
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _n_blocks(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
@@ -311,7 +307,7 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _forward(model: nn.Module, batch: Batch, hidden: bool):
-    device = _device_of(model)
+    device = model_device(model)
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device)

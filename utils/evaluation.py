@@ -19,11 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import analogy_questions, atomic_write_text, load_labeled
-from .models import cache_argument_name, cache_root, decoder_layers, output_cache
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+from .models import cache_argument_name, cache_root, model_device, output_cache
 
 
 def _synchronize(device: torch.device) -> None:
@@ -40,7 +36,7 @@ def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     (padding) are never scored; `score_mask` (same shape, 1 = score) can exclude more, such as the
     context part of a sliding window.
     """
-    device = _device_of(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     scored = attention_mask.bool()
@@ -99,7 +95,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 30,
                                              add_generation_prompt=True)
     else:
         text = prompt
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(_device_of(model))
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model_device(model))
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -156,7 +152,7 @@ def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 
     """
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
         raise ValueError("measure_speed needs new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1.")
-    device = _device_of(model)
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
@@ -300,7 +296,7 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = TASKS, lim
     if unknown:
         raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(TASKS)}")
     folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device_of(model)))
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
     results = simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, log_samples=False,
                               task_manager=TaskManager(include_path=str(folder), include_defaults=False),
                               verbosity="ERROR")
@@ -314,7 +310,3 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = TASKS, lim
                              "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan")})
     return pd.DataFrame(rows)
 
-
-def layer_count(model: nn.Module) -> int:
-    """Number of decoder blocks."""
-    return len(decoder_layers(model))

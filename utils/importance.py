@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .evaluation import batch_nll
 from .hooks import capture_activations
-from .models import decoder_layers
+from .models import decoder_layers, model_device
 from .pruning import _n_layers, layers_removed, removable_layers
 
 Batch = dict[str, torch.Tensor]
@@ -48,10 +48,6 @@ def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in flags:
             module.training = training
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _prepared_batches(batches: Sequence[Batch], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -103,7 +99,7 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window: int | N
     n_layers = len(decoder_layers(model))
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= n_layers):
         raise ValueError(f"`window` must be an integer in 1..{n_layers} (the number of blocks), got {window!r}.")
-    device = _device_of(model)
+    device = model_device(model)
     prepared = _prepared_batches(batches, device)
     influence = torch.zeros(n_layers, dtype=torch.float64, device=device)
     distance = torch.zeros(n_layers - window + 1, dtype=torch.float64, device=device) if window else None
@@ -195,7 +191,7 @@ def calibration_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     Token-weighted across batches, so it does not depend on how the rows are grouped into batches.
     Runs in eval mode under torch.no_grad; exp() of it is the calibration perplexity.
     """
-    prepared = _prepared_batches(batches, _device_of(model))
+    prepared = _prepared_batches(batches, model_device(model))
     total_nll, total_tokens = 0.0, 0
     with _evaluating(model):
         for ids, mask in prepared:
@@ -221,7 +217,7 @@ def iterative_loss_pruning(model: nn.Module, batches: Sequence[Batch], n: int, p
     """
     n_layers = len(decoder_layers(model))
     candidates = removable_layers(n_layers, n, protect_first, protect_last)
-    _prepared_batches(batches, _device_of(model))  # fail before the search, not inside it
+    _prepared_batches(batches, model_device(model))  # fail before the search, not inside it
     chosen: list[int] = []
     trials = sum(len(candidates) - step for step in range(n))
     with _evaluating(model), tqdm(total=trials, desc="iterative loss pruning", disable=not progress,

@@ -321,6 +321,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "(the Llama/Qwen/Gemma/Mistral layout).")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter: where its inputs must go."""
+    return next(model.parameters()).device
+
+
 def check_layer_indices(model: nn.Module, indices: list[int]) -> list[int]:
     """Validate layer indices against a model's decoder blocks and return them as a sorted list.
 
