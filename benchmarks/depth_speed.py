@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from utils.evaluation import measure_speed
-from utils.models import ARCHITECTURES, build_from_config, decoder_layers, load_model
+from utils.models import ARCHITECTURES, architecture_summary, build_from_config, decoder_layers, load_model
 from utils.pruning import remove_layers, select_last
 
 
@@ -33,8 +33,8 @@ def decode_bytes_per_step(model: torch.nn.Module, context_tokens: int, batch_siz
     element = next(model.parameters()).element_size()
     block_bytes = sum(p.numel() for p in decoder_layers(model).parameters()) * element
     head_bytes = model.get_output_embeddings().weight.numel() * element
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element * context_tokens * batch_size
+    shape = architecture_summary(config)
+    kv_bytes = 2 * shape["layers"] * shape["kv heads"] * shape["head dim"] * element * context_tokens * batch_size
     return {"blocks": block_bytes, "lm_head": head_bytes, "kv_cache": kv_bytes, "total": block_bytes + head_bytes + kv_bytes}
 
 
