@@ -276,3 +276,21 @@ def test_train_only_blocks_from_freezes_the_prefix_and_embeddings():
     assert train_only_blocks_from(model, 0, train_embeddings=True) == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="first_block must be in 0..3"):
         train_only_blocks_from(model, 4)
+
+
+def test_accelerate_path_matches_the_plain_loop(teacher):
+    # One process on the CPU: the accelerate path (the one `accelerate launch` uses on several GPUs) must
+    # train exactly like the plain loop, step for step.
+    from accelerate import Accelerator
+
+    batches = [_random_batch(seed=s) for s in range(3)]
+    plain, accelerated = _drop_layers(teacher, [1]), _drop_layers(teacher, [1])
+    distill(plain, teacher, batches, steps=3, lr=1e-3, grad_accum=2, progress=False)
+    history = distill(accelerated, teacher, batches, steps=3, lr=1e-3, grad_accum=2, progress=False,
+                      accelerator=Accelerator(cpu=True))
+    assert len(history.train) == 3
+    for (name, a), b in zip(plain.state_dict().items(), accelerated.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    changed = any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                          _drop_layers(teacher, [1]).state_dict().values()))
+    assert changed

@@ -17,12 +17,13 @@ accumulation and clipping) with the teacher frozen, and returns a `DistillHistor
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .models import decoder_layers, model_device
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 Batch = Mapping[str, torch.Tensor]
 EvalFn = Callable[[nn.Module], "float | Mapping[str, float]"]
@@ -442,7 +446,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
             kd_weight: float = 0.5, hidden_weight: float = 0.0, layer_map: Mapping[int, int] | None = None,
             eval_fn: EvalFn | None = None, eval_batches: Sequence[Batch] | None = None,
             eval_every: int | None = None, check_overlap: bool = True, shuffle: bool = False,
-            device: str | torch.device | None = None, progress: bool = True, seed: int = 0) -> DistillHistory:
+            device: str | torch.device | None = None, progress: bool = True, seed: int = 0,
+            accelerator: Accelerator | None = None) -> DistillHistory:
     """Train `student` to imitate `teacher` on `train_batches` and return the history of the run.
 
     Each of the `steps` optimizer steps accumulates the gradients of `grad_accum` batches (each batch's
@@ -457,6 +462,12 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
     training batches (`check_overlap`). `device` moves the student (default: where it is); the teacher
     stays where it is and gets each batch on its own device. `seed` seeds torch and the shuffling. The
     student is returned to eval mode at the end, trained in place.
+
+    Several GPUs: pass an `accelerate.Accelerator` and start the script with `accelerate launch`. Each
+    process then trains on its own share of `train_batches` (batch i goes to process i mod the number of
+    processes), the student is wrapped by accelerate (DDP, or FSDP when the accelerate config says so),
+    gradients are averaged across processes, and mixed precision follows the accelerator; `steps` counts
+    optimizer steps, each seeing one batch per process.
     """
     _check_training_arguments(steps, lr, grad_accum, warmup_steps, temperature, eval_every, max_grad_norm,
                               weight_decay)
@@ -479,7 +490,14 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
             layer_map = default_layer_map(_n_blocks(student), _n_blocks(teacher))
         layer_map = check_layer_map(layer_map, _n_blocks(student) + 1, _n_blocks(teacher) + 1)
 
-    if device is not None:
+    if accelerator is not None:
+        shard = train_batches[accelerator.process_index::accelerator.num_processes]
+        if not shard:
+            raise ValueError(f"{len(train_batches)} training batches cannot feed {accelerator.num_processes} "
+                             "processes: pass at least one batch per process.")
+        train_batches = shard
+        teacher.to(accelerator.device)
+    elif device is not None:
         student.to(device)
     torch.manual_seed(seed)
     teacher_was_training = teacher.training
@@ -489,6 +507,12 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
         raise ValueError("The student has no trainable parameters (every requires_grad is False).")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    trained = student  # what the forward pass goes through: the student, or accelerate's wrapper around it
+    if accelerator is not None:
+        # the scheduler is not prepared: accelerate would step it once per process, and `steps` is global
+        trained, optimizer = accelerator.prepare(student, optimizer)
+        parameters = [p for p in trained.parameters() if p.requires_grad]
+        progress = progress and accelerator.is_main_process
     history = DistillHistory()
     start = time.perf_counter()
     kwargs = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, hidden_weight=hidden_weight,
@@ -525,17 +549,26 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
         for step in bar:
             lr_now = optimizer.param_groups[0]["lr"]
             sums: dict[str, float] = {}
-            for _ in range(grad_accum):
+            for micro_step in range(grad_accum):
                 batch = next(stream)
-                terms = _batch_terms(student, teacher, batch, **kwargs)
-                (terms["loss"] / grad_accum).backward()
+                if accelerator is None:
+                    terms = _batch_terms(student, teacher, batch, **kwargs)
+                    (terms["loss"] / grad_accum).backward()
+                else:  # gradients are averaged across processes on the last micro-batch only
+                    sync = micro_step == grad_accum - 1
+                    with (contextlib.nullcontext() if sync else accelerator.no_sync(trained)):
+                        terms = _batch_terms(trained, teacher, batch, **kwargs)
+                        accelerator.backward(terms["loss"] / grad_accum)
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() / grad_accum
                 tokens += _token_counts(batch)[0]
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"The distillation loss became {sums['loss']} at step {step}; lower lr "
                                          f"(now {lr_now:.3g}) or check the inputs.")
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+            if accelerator is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+            else:
+                grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
