@@ -51,6 +51,7 @@ def test_reference_architectures_on_meta_have_expected_sizes():
     assert sizes["smollm2-135m"] == 134_515_008  # the embedded model's real count
     assert 1.2e9 < sizes["llama-3.2-1b"] < 1.3e9
     assert 7.9e9 < sizes["llama-3.1-8b"] < 8.1e9
+    assert 70.0e9 < sizes["llama-3.1-70b"] < 71.0e9
     assert next(build_from_config("mistral-7b").parameters()).device.type == "meta"
 
 
