@@ -111,7 +111,7 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window: int | N
             inputs[layer] = hidden
             return
         real = current["real"].to(hidden.device)  # blocks may sit on different devices (device_map)
-        cosine = _masked_cosine(inputs[layer], hidden, real)
+        cosine = _masked_cosine(inputs[layer].to(hidden.device), hidden, real)
         influence[layer] += (1 - cosine).sum(dtype=torch.float64).to(device)
         if window is not None:
             start = layer - window + 1
