@@ -237,3 +237,163 @@ def iterative_loss_pruning(model: nn.Module, batches: Sequence[Batch], n: int, p
             chosen.append(best)
             bar.set_postfix(removed=chosen, loss=f"{best_loss:.4f}")
     return chosen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sublayer importance: attention and MLP separately (for attention bypass, see utils.bypass)
+# ---------------------------------------------------------------------------------------------------
+
+def sublayer_importance(model: nn.Module, batches: Sequence[Batch], progress: bool = True) -> dict[str, torch.Tensor]:
+    """Importance of every attention and every MLP sublayer from one pass over `batches`.
+
+    For the attention sublayer of block i: the mean over real tokens of 1 - cos(h, h + attn(h)), the
+    hidden state entering the block against the one after the attention's residual add ("block_in" vs
+    "resid_mid" in `utils.hooks`); for the MLP sublayer: the same between the state after the attention
+    add and the block output ("resid_mid" vs "block_out"). He et al. (2024) score sublayers this way. Returns
+    {"attention": Tensor[n_layers], "mlp": Tensor[n_layers]}; low = redundant. Padding is never scored; a
+    bypassed attention sublayer scores 0 (up to float rounding).
+    """
+    n_layers = len(decoder_layers(model))
+    device = model_device(model)
+    prepared = _prepared_batches(batches, device)
+    sums = {"attention": torch.zeros(n_layers, dtype=torch.float64, device=device),
+            "mlp": torch.zeros(n_layers, dtype=torch.float64, device=device)}
+    held: dict[tuple[str, int], torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def on_capture(point: str, layer: int, hidden: torch.Tensor) -> None:
+        if point == "block_in":
+            held[point, layer] = hidden
+            return
+        real = current["real"].to(hidden.device)
+        before, kind = (held.pop(("block_in", layer)), "attention") if point == "resid_mid" else \
+            (held.pop(("resid_mid", layer)), "mlp")
+        sums[kind][layer] += (1 - _masked_cosine(before.to(hidden.device), hidden, real)).sum(dtype=torch.float64).to(device)
+        if point == "resid_mid":
+            held[point, layer] = hidden
+
+    tokens = 0
+    with _evaluating(model), capture_activations(model, points=("block_in", "resid_mid", "block_out"),
+                                                 callback=on_capture):
+        for ids, mask in tqdm(prepared, desc="sublayer importance", disable=not progress, leave=False):
+            current["real"] = mask.bool()
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            finally:
+                held.clear()
+            tokens += int(mask.sum())
+    return {kind: (total / tokens).float().cpu() for kind, total in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Neuron importance in GLU MLPs (for width pruning, see utils.pruning.prune_glu_width)
+# ---------------------------------------------------------------------------------------------------
+
+STATIC_NEURON_METHODS = ("peak_to_peak", "variance", "product_of_norms", "l2")
+
+
+def glu_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """The (gate_proj, up_proj, down_proj) of a decoder block's GLU MLP, or a clear error.
+
+    Neuron i of the MLP is row i of gate_proj and up_proj and column i of down_proj. Families with a fused
+    gate_up projection or a classic two-matrix MLP (fc1/fc2) have no such triple and are refused.
+    """
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None:
+        raise ValueError(f"{type(layer).__name__} has no 'mlp' module: GLU width pruning needs one.")
+    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Linear) for p in projections):
+        found = sorted(name for name, child in mlp.named_children() if isinstance(child, nn.Linear))
+        kind = "a fused gate_up projection" if any("gate_up" in name for name in found) else "no GLU"
+        raise ValueError(f"{type(mlp).__name__} has {kind} (linear layers: {found}); GLU width pruning needs "
+                         "separate gate_proj, up_proj and down_proj (Llama, Qwen, Mistral, Gemma).")
+    return projections[0], projections[1], projections[2]
+
+
+def static_neuron_importance(model: nn.Module, method: str = "peak_to_peak") -> torch.Tensor:
+    """Importance of every GLU neuron from the weights alone, Tensor[n_layers, intermediate_size].
+
+    Neuron i's rows of gate_proj (g) and up_proj (u): "peak_to_peak" = (max g + |min g|) + (max u + |min u|)
+    (the Peak-to-Peak Magnitude that optipfair calls MAW); "variance" = var(g) + var(u); "product_of_norms"
+    = |g| * |u|; "l2" = the L2 norm of g, u and down_proj's column i together. High = keep.
+    """
+    if method not in STATIC_NEURON_METHODS:
+        raise ValueError(f"Unknown static method {method!r}; known: {', '.join(STATIC_NEURON_METHODS)}.")
+    scores = []
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            gate, up, down = (p.weight.float() for p in glu_projections(layer))
+            if method == "peak_to_peak":
+                score = (gate.amax(1) + gate.amin(1).abs()) + (up.amax(1) + up.amin(1).abs())
+            elif method == "variance":
+                score = gate.var(1) + up.var(1)
+            elif method == "product_of_norms":
+                score = gate.norm(dim=1) * up.norm(dim=1)
+            else:
+                score = (gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt()
+            scores.append(score.cpu())
+    return torch.stack(scores)
+
+
+def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool = False,
+                          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Statistics of every GLU neuron's activation act(gate) * up over the real tokens of `batches`.
+
+    One forward pass with a hook on every down_proj input. Returns "mean_abs" and "mean_square",
+    Tensor[n_layers, intermediate_size], and "tokens"; with `gram=True` also "gram", the per-layer matrix
+    A^T A / tokens of the activations (Tensor[n_layers, intermediate, intermediate], float64), which is what
+    re-fitting down_proj by least squares needs (`utils.pruning.refit_down_proj`).
+    """
+    blocks = decoder_layers(model)
+    n_layers = len(blocks)
+    width = glu_projections(blocks[0])[2].in_features
+    device = model_device(model)
+    prepared = _prepared_batches(batches, device)
+    mean_abs = torch.zeros(n_layers, width, dtype=torch.float64)
+    mean_square = torch.zeros(n_layers, width, dtype=torch.float64)
+    grams = torch.zeros(n_layers, width, width, dtype=torch.float64) if gram else None
+    current: dict[str, torch.Tensor] = {}
+
+    def on_capture(point: str, layer: int, activation: torch.Tensor) -> None:
+        real = activation[current["real"].to(activation.device)].float()
+        mean_abs[layer] += real.abs().sum(0, dtype=torch.float64).cpu()
+        mean_square[layer] += real.pow(2).sum(0, dtype=torch.float64).cpu()
+        if grams is not None:
+            grams[layer] += (real.T @ real).double().cpu()
+
+    tokens = 0
+    with _evaluating(model), capture_activations(model, points=("mlp_act",), callback=on_capture):
+        for ids, mask in tqdm(prepared, desc="neuron activations", disable=not progress, leave=False):
+            current["real"] = mask.bool()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            tokens += int(mask.sum())
+    result = {"mean_abs": (mean_abs / tokens).float(), "mean_square": (mean_square / tokens).float(), "tokens": tokens}
+    if grams is not None:
+        result["gram"] = grams / tokens
+    return result
+
+
+def activation_neuron_importance(model: nn.Module, batches: Sequence[Batch], method: str = "activation_x_down",
+                                 statistics: dict[str, torch.Tensor] | None = None,
+                                 progress: bool = True) -> torch.Tensor:
+    """Data-driven importance of every GLU neuron, Tensor[n_layers, intermediate_size]; high = keep.
+
+    "mean_abs_activation": mean |act(gate) * up| over the real calibration tokens (what the neuron feeds
+    down_proj). "activation_x_down": that times the L2 norm of the neuron's down_proj column (how much the
+    neuron moves the output, a hybrid of activation and weight). "output_energy": mean squared activation
+    times the squared column norm, the mean squared size of the neuron's contribution to the MLP output.
+    Pass `statistics` from `activation_statistics` to reuse one forward pass for several methods.
+    """
+    methods = ("mean_abs_activation", "activation_x_down", "output_energy")
+    if method not in methods:
+        raise ValueError(f"Unknown activation method {method!r}; known: {', '.join(methods)}.")
+    if statistics is None:
+        statistics = activation_statistics(model, batches, progress=progress)
+    if method == "mean_abs_activation":
+        return statistics["mean_abs"].clone()
+    with torch.no_grad():
+        column_norms = torch.stack([glu_projections(layer)[2].weight.float().norm(dim=0).cpu()
+                                    for layer in decoder_layers(model)])
+    if method == "activation_x_down":
+        return statistics["mean_abs"] * column_norms
+    return statistics["mean_square"] * column_norms.pow(2)

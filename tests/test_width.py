@@ -1,0 +1,153 @@
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from utils.data import calibration_batches
+from utils.hooks import capture_activations, count_hooks
+from utils.importance import (STATIC_NEURON_METHODS, activation_neuron_importance, activation_statistics,
+                              glu_projections, static_neuron_importance)
+from utils.models import decoder_layers, tiny_model
+from utils.pruning import neurons_to_keep, prune_glu_width, target_intermediate_size
+
+
+def _batches(tokenizer, n=4, length=24):
+    return calibration_batches(tokenizer, "wikipedia", n_samples=n, seq_len=length, batch_size=2)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_target_sizes_and_rounding():
+    assert target_intermediate_size(1536, 576, percent=20) == 1229
+    assert target_intermediate_size(1536, 576, percent=20, multiple=64) == 1216
+    assert target_intermediate_size(8192, 2048, percent=40, multiple=128) == 4864
+    assert target_intermediate_size(1536, 576, intermediate_size=1000) == 1000
+    assert target_intermediate_size(1536, 576, expansion_ratio=2.0) == 1152
+    assert target_intermediate_size(128, 64, percent=99, multiple=64) == 64  # never below one multiple
+    for bad in (0, 100, -5, 150):
+        with pytest.raises(ValueError, match=r"percent.*\(0, 100\)"):
+            target_intermediate_size(1536, 576, percent=bad)
+    with pytest.raises(ValueError, match="1..1536"):
+        target_intermediate_size(1536, 576, intermediate_size=2000)
+    with pytest.raises(ValueError, match="1..1536"):
+        target_intermediate_size(1536, 576, intermediate_size=0)
+    with pytest.raises(ValueError, match="expansion_ratio"):
+        target_intermediate_size(1536, 576, expansion_ratio=3.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        target_intermediate_size(1536, 576, percent=10, intermediate_size=100)
+    with pytest.raises(ValueError, match="multiple"):
+        target_intermediate_size(1536, 576, percent=10, multiple=0)
+
+
+def test_width_pruning_gives_a_standard_model_on_every_family(tiny, tmp_path):
+    name, model, tokenizer = tiny
+    scores = activation_neuron_importance(model, _batches(tokenizer), progress=False)
+    assert scores.shape == (model.config.num_hidden_layers, model.config.intermediate_size)
+    pruned = prune_glu_width(model, scores, percent=25)
+    assert pruned.config.intermediate_size == 96 and model.config.intermediate_size == 128  # base untouched
+    for layer in decoder_layers(pruned):
+        gate, up, down = glu_projections(layer)
+        assert gate.out_features == up.out_features == down.in_features == 96
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    pruned.save_pretrained(tmp_path / name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+    assert torch.equal(_logits(pruned, ids), _logits(reloaded, ids))
+    generated = pruned.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 10)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_keeping_every_neuron_is_the_identity_and_pruning_keeps_the_chosen_neurons():
+    model, tokenizer = tiny_model("tiny-llama")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    scores = static_neuron_importance(model, "peak_to_peak")
+    same = prune_glu_width(model, scores, intermediate_size=model.config.intermediate_size)
+    assert torch.equal(_logits(model, ids), _logits(same, ids))
+    # the kept rows are exactly the highest-scoring ones, in their original order
+    pruned = prune_glu_width(model, scores, percent=50)
+    kept = neurons_to_keep(scores, 64)
+    original = glu_projections(decoder_layers(model)[1])
+    narrowed = glu_projections(decoder_layers(pruned)[1])
+    assert torch.equal(narrowed[0].weight, original[0].weight[kept[1]])
+    assert torch.equal(narrowed[2].weight, original[2].weight[:, kept[1]])
+
+
+def test_refit_compensates_for_removed_neurons():
+    model, tokenizer = tiny_model("tiny-llama")
+    batches = _batches(tokenizer, n=16, length=32)
+    statistics = activation_statistics(model, batches, gram=True, progress=False)
+    assert count_hooks(model) == 0
+    scores = activation_neuron_importance(model, batches, statistics=statistics)
+    plain = prune_glu_width(model, scores, percent=50)
+    refitted = prune_glu_width(model, scores, percent=50, gram=statistics["gram"], ridge=1e-4)
+
+    with capture_activations(model, points=("mlp_in",)) as captured:  # what each MLP reads on calibration text
+        for batch in batches:
+            model(**batch)
+
+    def output_error(candidate):  # MLP outputs against the unpruned MLPs' on those same inputs
+        with torch.no_grad():
+            return sum(float((layer.mlp(captured.stacked("mlp_in", i)) - full.mlp(captured.stacked("mlp_in", i))).pow(2).mean())
+                       for i, (layer, full) in enumerate(zip(decoder_layers(candidate), decoder_layers(model))))
+
+    assert output_error(refitted) < 0.9 * output_error(plain)
+    # keeping every neuron, an unregularized re-fit gives back the original down_proj
+    full = prune_glu_width(model, scores, intermediate_size=128, gram=statistics["gram"], ridge=0.0)
+    torch.testing.assert_close(glu_projections(decoder_layers(full)[0])[2].weight,
+                               glu_projections(decoder_layers(model)[0])[2].weight, atol=1e-4, rtol=1e-3)
+
+
+def test_activation_statistics_ignore_padding():
+    model, tokenizer = tiny_model("tiny-llama")
+    ids = torch.tensor([[10, 11, 12, 13]])
+    padded = {"input_ids": torch.tensor([[10, 11, 12, 13, 258, 258]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}
+    a = activation_statistics(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], progress=False)
+    b = activation_statistics(model, [padded], progress=False)
+    assert a["tokens"] == b["tokens"] == 4
+    torch.testing.assert_close(a["mean_abs"], b["mean_abs"], atol=1e-5, rtol=1e-4)
+
+
+def test_static_methods_and_errors():
+    model, _ = tiny_model("tiny-llama")
+    for method in STATIC_NEURON_METHODS:
+        scores = static_neuron_importance(model, method)
+        assert scores.shape == (4, 128) and torch.isfinite(scores).all() and (scores >= 0).all()
+    with pytest.raises(ValueError, match="Unknown static method"):
+        static_neuron_importance(model, "magic")
+    with pytest.raises(ValueError, match="Unknown activation method"):
+        activation_neuron_importance(model, [], "magic")
+    with pytest.raises(ValueError, match=r"shape \(4, 128\).*per-layer widths are not supported"):
+        prune_glu_width(model, torch.ones(2, 128), percent=10)
+    with pytest.raises(ValueError, match=r"percent.*\(0, 100\)"):
+        prune_glu_width(model, torch.ones(4, 128), percent=0)
+    with pytest.raises(ValueError, match="1..128"):
+        prune_glu_width(model, torch.ones(4, 128), intermediate_size=129)
+
+
+class _FusedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(64, 256, bias=False)
+        self.down_proj = nn.Linear(128, 64, bias=False)
+
+
+class _ClassicMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 64)
+
+
+@pytest.mark.parametrize("mlp, message", [(_FusedMLP, "fused gate_up"), (_ClassicMLP, "no GLU")])
+def test_models_without_a_glu_mlp_are_refused(mlp, message):
+    model, _ = tiny_model("tiny-llama")
+    for layer in decoder_layers(model):
+        layer.mlp = mlp()
+    with pytest.raises(ValueError, match=message):
+        static_neuron_importance(model)
+    with pytest.raises(ValueError, match=message):
+        prune_glu_width(model, torch.ones(4, 128), percent=10)
