@@ -1,0 +1,262 @@
+"""Attention bypass: decoder blocks that keep their MLP and drop their attention sublayer entirely.
+
+Attention sublayers are often far more redundant than MLP sublayers (He et al., 2024, "What Matters in
+Transformers? Not All Attention is Needed"): `utils.importance.sublayer_importance` measures both, and the
+functions here act on the attention sublayers that matter least.
+
+- `bypass_attention(model, indices)` returns a real, smaller model: the bypassed blocks run only their MLP
+  branch, their attention weights (q/k/v/o projections and the norms that serve only attention) are gone
+  from the parameters and from the saved files, and the KV cache holds entries for the remaining attention
+  layers only. `generate()` works with the cache. The mechanism lives in `utils.bypass_modeling`.
+- `save_bypassed(model, folder)` saves it so that `AutoModelForCausalLM.from_pretrained(folder,
+  trust_remote_code=True)` loads it back with identical logits. Why remote code: every transformers decoder
+  block builds its `self_attn` in `__init__`, so a plain `from_pretrained` would re-create the bypassed
+  attention with random weights (it only warns about "newly initialized" weights). The smallest honest
+  mechanism is transformers' own one for custom architectures: the folder holds the standard weights and
+  config plus `modeling_bypass.py` (a verbatim copy of `utils/bypass_modeling.py`, which imports only torch
+  and transformers), and `config.auto_map` points `AutoModelForCausalLM` at its loader class. The loader
+  builds the family's own class (LlamaForCausalLM, Qwen3ForCausalLM, ...) with the bypass applied before
+  the weights load. No course code is needed to load the folder.
+- `attention_zeroed(model, indices)` is the other way, the one that gives no speedup: the attention is
+  computed (and its KV cache filled) and then multiplied away. It is kept to measure the difference.
+- `attention_skipped(model, indices)` bypasses temporarily, without deleting anything, for searches;
+  `select_attention_by_loss` is such a search (greedy on calibration loss).
+- `kv_cache_bytes` measures a KV cache from its tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .bypass_modeling import (
+    BYPASSED_LAYERS_KEY,
+    LOADER_CLASS,
+    MODELING_FILE,
+    apply_bypass,
+    attention_only_modules,
+    bypassed_block_class,
+    is_bypassed,
+)
+from .models import check_layer_indices, decoder_layers, model_device, output_cache
+from .pruning import removable_layers
+
+Batch = dict[str, torch.Tensor]
+
+
+def bypassed_layers(model: nn.Module) -> list[int]:
+    """Indices of the decoder blocks whose attention sublayer is bypassed (empty for an ordinary model)."""
+    return [index for index, block in enumerate(decoder_layers(model)) if is_bypassed(block)]
+
+
+def _bypass_indices(model: nn.Module, indices: Sequence[int]) -> list[int]:
+    """Validate the blocks whose attention to bypass: a non-empty list, in range, unique, not yet bypassed,
+    each with a findable attention sublayer, and at least one attention sublayer left. Returns them sorted."""
+    if isinstance(indices, int) or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
+        raise ValueError(f"`indices` must be a list of decoder block indices, got {indices!r}; "
+                         f"to bypass a single block write [{int(indices)}].")
+    indices = check_layer_indices(model, [int(i) for i in indices])
+    if not indices:
+        raise ValueError("No attention sublayer to bypass: `indices` is empty.")
+    blocks = decoder_layers(model)
+    already = [i for i in indices if is_bypassed(blocks[i])]
+    if already:
+        raise ValueError(f"The attention of blocks {already} is already bypassed (bypassed now: "
+                         f"{bypassed_layers(model)}); pass only blocks that still have attention.")
+    for index in indices:
+        attention_only_modules(blocks[index])  # raises when the attention sublayer cannot be found
+    if len(set(indices) | set(bypassed_layers(model))) == len(blocks):
+        raise ValueError(f"Cannot bypass every attention sublayer of the {len(blocks)} blocks: at least one must "
+                         "remain (without any, nothing tracks the positions in the KV cache).")
+    return indices
+
+
+def bypass_attention(model: nn.Module, indices: Sequence[int], inplace: bool = False) -> nn.Module:
+    """Bypass the attention sublayers of decoder blocks `indices` and return the smaller model.
+
+    Each chosen block then computes `x + MLP(norm(x))` only; its attention modules are deleted (parameter
+    count, memory and file size go down), and it neither allocates nor fills KV-cache entries. The model
+    stays an instance of its transformers class and works with `generate()`. By default the caller's model
+    is untouched: a deep copy is made that never copies the attention being dropped. `inplace=True` changes
+    and returns `model`. May be called again on a bypassed model to bypass more blocks. Raises a ValueError
+    for an empty list, an index out of range or repeated, a block already bypassed, a block whose attention
+    cannot be found, or bypassing every attention sublayer.
+    """
+    indices = _bypass_indices(model, indices)
+    if not inplace:
+        blocks = decoder_layers(model)
+        placeholder = nn.Identity()  # stands in for the dropped modules in the copy, deleted right after
+        memo = {id(getattr(blocks[i], name)): placeholder for i in indices for name in attention_only_modules(blocks[i])}
+        model = copy.deepcopy(model, memo)
+    apply_bypass(model, indices)
+    return model
+
+
+@contextmanager
+def attention_skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Module]:
+    """Temporarily run blocks `indices` without their attention sublayer; restored on exit.
+
+    Inside the block the chosen blocks run exactly the bypassed forward (MLP branch only), but nothing is
+    deleted and the KV-cache slots are not renumbered, so use it with `use_cache=False` (scoring, searches).
+    Cheap to enter and leave, which is what a search over many candidate sets needs.
+    """
+    blocks = decoder_layers(model)
+    indices = _bypass_indices(model, indices)
+    classes = {index: type(blocks[index]) for index in indices}
+    try:
+        for index in indices:
+            blocks[index].__class__ = bypassed_block_class(classes[index])
+        yield model
+    finally:
+        for index, block_class in classes.items():
+            blocks[index].__class__ = block_class
+
+
+@contextmanager
+def attention_zeroed(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Module]:
+    """Zero the output of the attention sublayers of blocks `indices` for the duration of the block.
+
+    The attention is still computed in full (projections, attention, KV cache) and its output is then
+    replaced by zeros: the same function as a bypass, none of the savings. This is how the approach that
+    gave no speedup worked; the hooks are removed on exit, also when the body raises.
+    """
+    blocks = decoder_layers(model)
+    indices = _bypass_indices(model, indices)
+
+    def zero_output(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handles = []
+    try:
+        for index in indices:
+            handles.append(blocks[index].self_attn.register_forward_hook(zero_output))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def modeling_source() -> str:
+    """The text of `utils/bypass_modeling.py`, which `save_bypassed` writes into a folder as-is."""
+    return (Path(__file__).parent / "bypass_modeling.py").read_text()
+
+
+def save_bypassed(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
+    """Save a bypassed model so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+    loads it back with identical logits; returns the folder.
+
+    Writes the standard `save_pretrained` files (the bypassed attention is absent from the weights), a
+    verbatim copy of `utils/bypass_modeling.py` as `modeling_bypass.py`, and `config.auto_map`
+    {"AutoModelForCausalLM": "modeling_bypass.AttentionBypassedForCausalLM"}. The tokenizer is saved too
+    when given. Raises a ValueError for a model without bypassed attention (save it with save_pretrained).
+    """
+    if not bypassed_layers(model):
+        raise ValueError("This model has no bypassed attention sublayer: save it with model.save_pretrained.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    auto_map = dict(getattr(config, "auto_map", None) or {})
+    auto_map["AutoModelForCausalLM"] = f"{Path(MODELING_FILE).stem}.{LOADER_CLASS}"
+    config.auto_map = auto_map
+    model.save_pretrained(folder)
+    (folder / MODELING_FILE).write_text(modeling_source())
+    saved = json.loads((folder / "config.json").read_text())
+    if saved.get(BYPASSED_LAYERS_KEY) != bypassed_layers(model) or saved.get("auto_map") != auto_map:
+        raise RuntimeError(f"config.json in {folder} does not record the bypass; the saved model would not load back.")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_bypassed(folder: str | Path, **kwargs) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)`, in eval mode.
+
+    Only a folder written by `save_bypassed` (or one you trust) should be loaded this way: remote code runs
+    the `modeling_bypass.py` the folder holds.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, **kwargs).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring the KV cache
+# ---------------------------------------------------------------------------------------------------
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the key and value tensors of a KV cache (a transformers Cache), counted from the
+    tensors themselves: empty slots and dummy layers count 0."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def filled_cache_layers(cache) -> int:
+    """Number of cache slots that hold key/value tensors with at least one token."""
+    return sum(1 for layer in getattr(cache, "layers", [])
+               if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0)
+
+
+@torch.no_grad()
+def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 64, batch_size: int = 1) -> float:
+    """KV-cache bytes per token, measured: one forward pass with the cache over `batch_size` rows of
+    `tokens` token ids, then the bytes of the cache's tensors divided by the number of tokens.
+
+    Keep `tokens` below any sliding window, or sliding layers will hold fewer tokens than were fed.
+    """
+    device = model_device(model)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, tokens), generator=torch.Generator().manual_seed(0))
+    output = model(input_ids=ids.to(device), use_cache=True)
+    return kv_cache_bytes(output_cache(output)) / (batch_size * tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing the attention sublayers to bypass
+# ---------------------------------------------------------------------------------------------------
+
+def select_attention_by_loss(model: nn.Module, batches: Sequence[Batch], n: int, protect_first: int = 0,
+                             protect_last: int = 0, progress: bool = True) -> list[int]:
+    """Choose `n` attention sublayers to bypass, greedily by calibration loss; indices in the order chosen.
+
+    Each step tries every remaining unprotected block: the sublayers chosen so far plus the candidate are
+    skipped temporarily (`attention_skipped`), the calibration loss is measured, and the candidate with
+    the lowest loss joins. Later steps therefore see the effect of earlier choices, which a one-shot
+    importance ranking cannot. Costs about n * (number of blocks) forward passes over `batches`.
+    """
+    from .importance import calibration_loss  # importance imports evaluation/pruning; no cycle with this module
+
+    n_layers = len(decoder_layers(model))
+    already = set(bypassed_layers(model))
+    candidates = [i for i in removable_layers(n_layers, n, protect_first, protect_last) if i not in already]
+    if n > len(candidates) or len(already) + n >= n_layers:
+        raise ValueError(f"Cannot choose {n} attention sublayers: {len(candidates)} candidates remain and at least "
+                         "one attention sublayer must stay.")
+    chosen: list[int] = []
+    trials = sum(len(candidates) - step for step in range(n))
+    with tqdm(total=trials, desc="attention bypass search", disable=not progress, leave=False) as bar:
+        for _ in range(n):
+            best_loss, best = math.inf, None
+            for candidate in candidates:
+                if candidate in chosen:
+                    continue
+                with attention_skipped(model, chosen + [candidate]):
+                    loss = calibration_loss(model, batches)
+                if best is None or (math.isfinite(loss) and loss < best_loss):
+                    best_loss, best = loss, candidate
+                bar.update(1)
+            chosen.append(best)
+            bar.set_postfix(bypassed=chosen, loss=f"{best_loss:.4f}")
+    return chosen

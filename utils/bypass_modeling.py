@@ -1,0 +1,203 @@
+"""The modeling code of attention bypass: decoder blocks that keep their MLP and have no attention at all.
+
+This file is self-contained on purpose (it imports only torch and transformers): `utils.bypass` copies it,
+verbatim, as `modeling_bypass.py` into every folder it saves, and transformers' remote-code loader imports
+it from there. One source of truth serves the model in memory and the model loaded back from disk.
+
+How a bypass is done, on any Llama / Qwen 2-3 / Mistral / Gemma 3 style decoder block:
+
+- The block's class is swapped for a subclass (`AttentionBypassed<Family>DecoderLayer`) whose forward is
+  `residual + MLP branch` only: no attention norm, no q/k/v/o projection, no attention, no residual add of
+  a zero tensor. The class stays a subclass of the family's block, so hooks and isinstance checks still see
+  a decoder block.
+- The modules that serve only attention are deleted, so their weights leave the model and its state dict:
+  `self_attn` and `input_layernorm`, and in Gemma 3 (which normalizes the attention output) also
+  `post_attention_layernorm`. Llama's `post_attention_layernorm` is the MLP's input norm and stays.
+- The remaining attention modules get new KV-cache slots (`layer_idx`), numbered so that the cache the
+  model builds from its unchanged config is filled without gaps: within each attention type ("full" or
+  "sliding"), the i-th remaining layer of that type writes the slot of the i-th layer of that type. So
+  the first slot of each type is filled (transformers reads the past length from slot 0 and picks the
+  mask sizes from the first full and first sliding slot), each slot keeps its type (a sliding layer never
+  writes into a full-attention slot), and the slots no remaining layer uses stay empty: a DynamicCache
+  allocates nothing for them. The KV cache therefore shrinks by exactly the bypassed share.
+- The list of bypassed blocks is stored in the config as `bypassed_attention_layers`. The loader class
+  `AttentionBypassedForCausalLM` (the target of the config's `auto_map`) builds the family's model class,
+  applies the same bypass in `__init__` before any weight is loaded, and loads the saved weights into it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+BYPASSED_LAYERS_KEY = "bypassed_attention_layers"
+MODELING_FILE = "modeling_bypass.py"
+LOADER_CLASS = "AttentionBypassedForCausalLM"
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks at model.model.layers (the layout of every family this file supports)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__}: expected model.model.layers.")
+    return layers
+
+
+def attention_only_modules(block: nn.Module) -> list[str]:
+    """Names of the submodules of a decoder block that serve only its attention sublayer.
+
+    `self_attn` and the norm before it (`input_layernorm`); in the Gemma layout, where the MLP has its own
+    `pre_feedforward_layernorm`, also `post_attention_layernorm`, which normalizes the attention output.
+    Raises a ValueError when the block has no `self_attn`, or no norm before its MLP.
+    """
+    if not isinstance(getattr(block, "self_attn", None), nn.Module):
+        raise ValueError(f"{type(block).__name__} has no 'self_attn' module: its attention sublayer cannot be found, "
+                         "so it cannot be bypassed (supported: Llama, Qwen 2/3, Mistral and Gemma 3 style blocks).")
+    names = ["self_attn", "input_layernorm"]
+    if hasattr(block, "pre_feedforward_layernorm"):
+        names.append("post_attention_layernorm")
+    elif not hasattr(block, "post_attention_layernorm"):
+        raise ValueError(f"{type(block).__name__} has no norm before its MLP (post_attention_layernorm or "
+                         "pre_feedforward_layernorm): its MLP branch cannot be run on its own.")
+    return [name for name in names if hasattr(block, name)]
+
+
+class AttentionBypassedBlock(nn.Module):
+    """Forward of a decoder block whose attention sublayer is bypassed: only the MLP branch runs.
+
+    Mixed in front of the family's block class by `bypassed_block_class`, so the block keeps its class
+    identity. It reads the MLP's norms by the family's names (Gemma: pre/post_feedforward_layernorm;
+    Llama, Qwen, Mistral: post_attention_layernorm before the MLP) and ignores every attention argument
+    (mask, positions, cache).
+    """
+
+    attention_bypassed = True  # the mark `is_bypassed` reads: this class may also come from a saved folder's copy
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        if hasattr(self, "pre_feedforward_layernorm"):
+            hidden_states = self.pre_feedforward_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+            hidden_states = self.post_feedforward_layernorm(hidden_states)
+        else:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+@lru_cache(maxsize=None)
+def bypassed_block_class(block_class: type) -> type:
+    """The subclass of a decoder block class whose forward is the MLP branch only (one class per family)."""
+    return type(f"AttentionBypassed{block_class.__name__}", (AttentionBypassedBlock, block_class), {})
+
+
+def is_bypassed(block: nn.Module) -> bool:
+    """Whether a decoder block's attention sublayer is bypassed (also for blocks built by the copy of this
+    file that transformers imports from a saved folder, whose classes are distinct objects)."""
+    return getattr(type(block), "attention_bypassed", False) is True
+
+
+def attention_types(config, n_layers: int) -> list[str]:
+    """Attention type of each block, as the KV cache sees it: `config.layer_types` when the family has it,
+    else one type for all blocks ("sliding_attention" when the config sets a sliding window)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [str(kind) for kind in layer_types]
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * n_layers
+
+
+def cache_slots(types: list[str], bypassed: set[int]) -> dict[int, int]:
+    """KV-cache slot of every block that keeps its attention: {block index: slot}.
+
+    Within each attention type, the i-th kept block of that type gets the slot of the i-th block of that
+    type, so every slot keeps its type and the first slot of each type that is still used is filled.
+    """
+    slots: dict[int, int] = {}
+    for kind in dict.fromkeys(types):
+        same_type = [index for index, other in enumerate(types) if other == kind]
+        kept = [index for index in same_type if index not in bypassed]
+        slots.update(zip(kept, same_type))
+    return slots
+
+
+def apply_bypass(model: nn.Module, indices: list[int]) -> None:
+    """Bypass the attention sublayers of blocks `indices` in place (low level: `utils.bypass` validates).
+
+    Blocks already bypassed are left as they are; afterwards every kept attention module is given its cache
+    slot for the full set of bypassed blocks, and the config records that set. Raises a ValueError when a
+    block's attention cannot be found, or when no attention of block 0's type would remain (the model reads
+    the past length from cache slot 0, which would then stay empty).
+    """
+    blocks = _blocks(model)
+    for index in indices:
+        block = blocks[index]
+        if is_bypassed(block):
+            continue
+        names = attention_only_modules(block)
+        block.__class__ = bypassed_block_class(type(block))
+        for name in names:
+            delattr(block, name)
+    bypassed = {index for index, block in enumerate(blocks) if is_bypassed(block)}
+    types = attention_types(model.config, len(blocks))
+    if all(index in bypassed for index, kind in enumerate(types) if kind == types[0]):
+        raise ValueError(f"At least one attention sublayer of type {types[0]!r} (the type of block 0) must remain: "
+                         "the model reads the cached length from the first KV-cache slot.")
+    for index, slot in cache_slots(types, bypassed).items():
+        attention = blocks[index].self_attn
+        if not isinstance(getattr(attention, "layer_idx", None), int):
+            raise ValueError(f"The attention module of block {index} ({type(attention).__name__}) has no integer "
+                             "'layer_idx': its KV-cache slot cannot be set.")
+        attention.layer_idx = slot
+    setattr(model.config, BYPASSED_LAYERS_KEY, sorted(bypassed))
+
+
+@lru_cache(maxsize=None)
+def bypassed_model_class(model_class: type) -> type:
+    """The subclass of a family's *ForCausalLM class that bypasses, in __init__ and so before any weight is
+    loaded, the attention of the blocks listed in `config.bypassed_attention_layers`."""
+
+    def __init__(self, config, *args, **kwargs):
+        model_class.__init__(self, config, *args, **kwargs)
+        apply_bypass(self, list(getattr(config, BYPASSED_LAYERS_KEY, None) or []))
+
+    return type(f"AttentionBypassed{model_class.__name__}", (model_class,), {"__init__": __init__})
+
+
+class AttentionBypassedForCausalLM:
+    """Loader named by `auto_map` in a saved bypassed model's config.
+
+    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` imports this file from the folder
+    and calls `from_pretrained` here: it looks up the family's causal-LM class from the config (Llama, Qwen,
+    Gemma, ...), derives `bypassed_model_class` from it and loads the weights into that. The result is an
+    instance of the family's class, with the bypassed blocks' attention absent from its parameters.
+    """
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM") -> None:
+        """Nothing to register: the returned model is an instance of a transformers class."""
+
+    @classmethod
+    def _family_class(cls, config) -> type:
+        from transformers import AutoModelForCausalLM
+
+        return bypassed_model_class(AutoModelForCausalLM._model_mapping[type(config)])
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, **kwargs):
+        """Load a saved bypassed model: the family's class with the bypass applied before the weights load."""
+        from transformers import AutoConfig
+
+        kwargs.pop("trust_remote_code", None)
+        kwargs.pop("adapter_kwargs", None)
+        if config is None:
+            config = AutoConfig.from_pretrained(path)
+        return cls._family_class(config).from_pretrained(path, *args, config=config, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """`AutoModelForCausalLM.from_config(config, trust_remote_code=True)`: a fresh bypassed model."""
+        kwargs.pop("trust_remote_code", None)
+        return cls._family_class(config)._from_config(config, **kwargs)
