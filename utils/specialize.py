@@ -1,0 +1,556 @@
+"""Making a specialist with LoRA: instruction datasets from the offline corpora, a small training loop,
+and the scorers of two tasks.
+
+Both tasks read SMS messages (`utils.data.load_labeled("sms", split)`), so the corpus splits keep
+training ("train"), validation ("validation") and test ("eval") messages apart:
+
+- "classify": the model reads a message and answers with one word of a fixed vocabulary, `ANSWERS`
+  ("ham" or "spam"). Scored by comparing the log-probability of each answer word after the prompt
+  (`answer_logprobs`), never by free generation, so every prediction is one of the answers.
+- "extract": the model answers with a JSON object whose values are computed from the message by code
+  (`sms_fields`): the label, whether the message contains a digit, whether it contains a web address,
+  and its first word. Scored on greedy generations by `check_extraction`: valid JSON, the right keys,
+  the right values.
+
+Prompts are chat-formatted with the tokenizer's chat template; every answer ends with the end-of-turn
+token so the model learns to stop. Batches are left-padded: all answers then end in the last column,
+and the loss needs logits only for the last few positions (`logits_to_keep`), which skips most of the
+LM head, the largest single matrix of a small model. Position ids count real tokens only, as
+`generate` does with left padding, so training, scoring and generation see the same positions.
+
+LoRA itself comes from peft (Hu et al., 2021; DoRA: Liu et al., 2024). `lora_config` only turns a named
+group of modules ("attention", "mlp", "all-linear") into peft's `target_modules` after checking that
+they exist in the model; `finetune` trains whatever parameters require gradients, with AdamW, warm-up
+then cosine decay, a tqdm progress bar and periodic validation, and returns the same history record as
+`utils.distill.distill`. Trained on answers alone, an adapter also changes how the model reads any
+text; `finetune(..., anchor_weight=...)` adds a KL anchor to the same model with its adapter disabled
+(see `answer_loss`), which keeps general perplexity in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .data import load_labeled
+from .distill import (DistillHistory, _batch_stream, _check_batches, _check_training_arguments, kd_loss,
+                      next_token_loss)
+from .models import cache_argument_name, decoder_layers, model_device, output_cache
+
+Batch = Mapping[str, torch.Tensor]
+
+TASKS = ("classify", "extract")
+ANSWERS = ("ham", "spam")
+EXTRACT_KEYS = ("label", "has_number", "has_url", "first_word")
+SYSTEM_PROMPT = "You read SMS messages."
+INSTRUCTIONS = {
+    "classify": "Is this SMS spam or ham (a normal message)? Answer spam or ham.\nMessage: {text}",
+    "extract": "Answer with JSON: label (spam or ham), has_number, has_url (a web address), first_word "
+               "(lowercase).\nMessage: {text}",
+}
+URL_PATTERN = re.compile(r"https?://|www\.|\b[\w-]+\.(?:com|net|org|biz|info|co\.uk)\b", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Instruction datasets
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction example: the message as shown, its label, the user's prompt and the right answer."""
+
+    task: str
+    text: str
+    label: str
+    prompt: str
+    answer: str
+
+
+def sms_fields(text: str, label: str) -> dict[str, object]:
+    """The JSON object the "extract" task asks for, computed from the message by code (keys `EXTRACT_KEYS`).
+
+    has_number: the message contains a digit; has_url: it contains a web address (http(s)://, www. or a
+    domain such as example.com); first_word: its first run of letters, lowercased ("" if none).
+    """
+    if label not in ANSWERS:
+        raise ValueError(f"Label {label!r} is outside the answer vocabulary {ANSWERS}.")
+    first_word = re.search(r"[A-Za-z]+", text)
+    return {"label": label, "has_number": bool(re.search(r"\d", text)), "has_url": bool(URL_PATTERN.search(text)),
+            "first_word": first_word.group(0).lower() if first_word else ""}
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """The message cut to at most `max_chars` characters at a word boundary (whitespace normalized)."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars].rsplit(" ", 1)[0]
+    return cut if cut else text[:max_chars]
+
+
+def make_examples(messages: Sequence[tuple[str, str]], task: str, max_chars: int = 300) -> list[Example]:
+    """Instruction examples of `task` ("classify" or "extract") from (text, label) pairs, in their order.
+
+    Each message is shortened to `max_chars` characters (`shorten`) and the extraction fields are
+    computed from the shortened text, the text the model sees. Raises a ValueError for an unknown task,
+    no messages, or a label outside `ANSWERS`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; the tasks are {TASKS}.")
+    messages = list(messages)
+    if not messages:
+        raise ValueError("No messages: the split is empty, so there is nothing to build examples from.")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}.")
+    outside = sorted({str(label) for _, label in messages if label not in ANSWERS})
+    if outside:
+        raise ValueError(f"Labels {outside} are outside the answer vocabulary {ANSWERS}.")
+    examples = []
+    for text, label in messages:
+        shown = shorten(text, max_chars)
+        answer = label if task == "classify" else json.dumps(sms_fields(shown, label))
+        examples.append(Example(task, shown, label, INSTRUCTIONS[task].format(text=shown), answer))
+    return examples
+
+
+def sms_examples(split: str, task: str, n_per_class: int | None = None, seed: int = 0,
+                 max_chars: int = 300, exclude: Sequence[str] = ()) -> list[Example]:
+    """A balanced, shuffled set of `task` examples from one split of the SMS corpus.
+
+    `n_per_class` messages of each label are drawn at random (seeded); None takes as many as the
+    rarer label has (spam is about 13% of the messages). Use "train" for training, "validation" for
+    validation during training and "eval" as the held-out test split. Raises a ValueError when the
+    split holds fewer messages of a label than asked for.
+
+    The corpus holds near-duplicates (spam templates sent with small changes), and the splits are made
+    from the full texts, so two messages of different splits can read the same once shortened. Pass the
+    shown texts of the held-out examples as `exclude` (for example `[e.text for e in test]`) to leave
+    such messages out before drawing.
+    """
+    if n_per_class is not None and n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1 or None (as many as the rarer label has), got {n_per_class}.")
+    excluded = set(exclude)
+    messages = [(text, label) for text, label in load_labeled("sms", split)
+                if shorten(text, max_chars) not in excluded]
+    by_label = {label: [m for m in messages if m[1] == label] for label in ANSWERS}
+    available = min(len(pool) for pool in by_label.values())
+    n = available if n_per_class is None else n_per_class
+    if n > available or n == 0:
+        raise ValueError(f"The {split!r} split of 'sms' holds {', '.join(f'{len(p)} {l}' for l, p in by_label.items())} "
+                         f"messages; asked for {n} of each label.")
+    rng = random.Random(seed)
+    chosen = [m for label in ANSWERS for m in rng.sample(by_label[label], n)]
+    rng.shuffle(chosen)
+    return make_examples(chosen, task, max_chars)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokens and batches
+# ---------------------------------------------------------------------------------------------------
+
+def prompt_token_ids(tokenizer, prompt: str, system: str | None = SYSTEM_PROMPT) -> list[int]:
+    """Token ids of `prompt` as a user turn in the tokenizer's chat template, after a short system turn,
+    ending with the assistant's generation prompt (the answer comes next).
+
+    The short `SYSTEM_PROMPT` replaces the longer default that some templates (SmolLM2's) insert, which
+    would make every example about 15 tokens longer; None leaves the template's default.
+    """
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_token_ids(tokenizer, answer: str, end_of_turn: bool = True) -> list[int]:
+    """Token ids of an answer, followed by the end-of-turn token (the tokenizer's eos) when asked."""
+    if end_of_turn and tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token to end the answer with; pass end_of_turn=False.")
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"The answer {answer!r} has no tokens.")
+    return ids + ([tokenizer.eos_token_id] if end_of_turn else [])
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with.")
+    return pad
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists to the longest: (input_ids, attention_mask), padding marked 0 in the mask."""
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, length - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only (0 for the first real token of each row), as `generate` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def training_batches(tokenizer, examples: Sequence[Example], batch_size: int = 8, seed: int = 0,
+                     group_by_length: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Left-padded training batches: input_ids, attention_mask and labels (-100 except on answer tokens).
+
+    Each row is the chat-formatted prompt followed by the answer and the end-of-turn token; only the
+    answer tokens are learned. With `group_by_length` rows of similar length share a batch (little
+    padding, so less compute wasted) and the batches come in a seeded random order; otherwise the
+    examples are batched in their order. Raises a ValueError when there are no examples.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("No training examples: the training split is empty (see sms_examples).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    pad_id = _pad_id(tokenizer)
+    rows = [(prompt_token_ids(tokenizer, e.prompt), answer_token_ids(tokenizer, e.answer)) for e in examples]
+    if group_by_length:
+        rows.sort(key=lambda row: len(row[0]) + len(row[1]))
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        input_ids, attention_mask = left_pad([prompt + answer for prompt, answer in chunk], pad_id)
+        labels = torch.full_like(input_ids, -100)
+        for i, (_, answer) in enumerate(chunk):
+            labels[i, -len(answer):] = torch.tensor(answer)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    if group_by_length:
+        random.Random(seed).shuffle(batches)
+    return batches
+
+
+def answer_loss(model: nn.Module, batch: Batch, anchor_weight: float = 0.0, anchor_tokens: int = 32) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a left-padded batch (from `training_batches`), plus,
+    with `anchor_weight` > 0, that weight times a KL anchor to the model without its adapter.
+
+    The answers end in the last column, so the model is asked for logits of the last (longest answer + 1)
+    positions only (`logits_to_keep`); `utils.distill.next_token_loss` scores them. The anchor is
+    `utils.distill.kd_loss` (temperature 1) between the model with its peft adapter disabled and with it,
+    over the `anchor_tokens` prompt positions just before the answer (the end of the message and the
+    template): the adapter is free to change the answers but pays for changing how the model reads
+    ordinary text. It needs a peft model and one more forward pass (without gradients) per batch; a few
+    positions keep its cost low, since every position anchored needs logits over the whole vocabulary.
+    """
+    device = model_device(model)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    keep = int((labels != -100).sum(1).max()) + 1
+    if keep < 2:
+        raise ValueError("The batch has no answer tokens to learn (every label is -100).")
+    if anchor_weight > 0 and not hasattr(model, "disable_adapter"):
+        raise ValueError("anchor_weight > 0 needs a peft model: the anchor compares it with its adapter disabled.")
+    if anchor_weight > 0:
+        keep = min(keep + anchor_tokens, input_ids.shape[1])
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=keep)
+    logits = model(**inputs).logits
+    mask, labels = attention_mask[:, -keep:], labels[:, -keep:]
+    loss = next_token_loss(logits, labels, mask)
+    if anchor_weight > 0:
+        with torch.no_grad(), model.disable_adapter():
+            reference = model(**inputs).logits
+        predicts_prompt = torch.zeros_like(mask, dtype=torch.bool)  # position t predicts token t+1
+        predicts_prompt[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool() & (labels[:, 1:] == -100)
+        loss = loss + anchor_weight * kd_loss(logits, reference, predicts_prompt, temperature=1.0)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA configuration (peft) and training
+# ---------------------------------------------------------------------------------------------------
+
+TARGET_GROUPS = ("attention", "mlp", "all-linear")
+
+
+def linear_module_names(model: nn.Module) -> dict[str, list[str]]:
+    """Names of the Linear modules inside a decoder block, grouped as "attention" and "mlp".
+
+    These are the names peft's `target_modules` matches (the last part of a module's path, such as
+    "q_proj" or "down_proj"); the LM head lies outside the blocks and is never a target here.
+    """
+    groups: dict[str, list[str]] = {"attention": [], "mlp": []}
+    for path, module in decoder_layers(model)[0].named_modules():
+        if isinstance(module, nn.Linear):
+            group = "attention" if "attn" in path or "attention" in path else "mlp"
+            groups[group].append(path.rsplit(".", 1)[-1])
+    return groups
+
+
+def lora_config(model: nn.Module, targets: str | Sequence[str] = "all-linear", rank: int = 8,
+                alpha: float | None = None, dropout: float = 0.0, dora: bool = False):
+    """A peft LoraConfig for a causal LM whose target modules are checked against `model`.
+
+    `targets` is a group, "attention" (q, k, v, o projections), "mlp" (gate, up, down) or "all-linear"
+    (both), or a list of module names such as ["q_proj", "v_proj"]. `alpha` defaults to 2 * rank (the
+    update is scaled by alpha / rank). `dora=True` asks peft for DoRA, which also learns the magnitude of
+    each weight's columns. Raises a ValueError for an unknown group, a module name that does not exist
+    in the model (listing those that do), or a rank below 1.
+    """
+    from peft import LoraConfig
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    available = linear_module_names(model)
+    every = available["attention"] + available["mlp"]
+    if isinstance(targets, str):
+        if targets not in TARGET_GROUPS:
+            raise ValueError(f"Unknown target group {targets!r}: use one of {TARGET_GROUPS} or a list of module "
+                             f"names from {every}.")
+        modules = every if targets == "all-linear" else available[targets]
+    else:
+        modules = list(targets)
+        missing = [name for name in modules if name not in every]
+        if missing or not modules:
+            raise ValueError(f"Target modules {missing or modules} do not exist in this model; its decoder blocks' "
+                             f"linear modules are {every}.")
+    return LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
+                      target_modules=list(modules), use_dora=dora, bias="none", task_type="CAUSAL_LM")
+
+
+def adapter_size_bytes(peft_model: nn.Module, folder: str | Path) -> int:
+    """Save the adapter with peft's `save_pretrained` into `folder` and return the bytes of its files."""
+    folder = Path(folder)
+    peft_model.save_pretrained(folder)
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+EvalFn = Callable[[nn.Module], "float | Mapping[str, float]"]
+
+
+def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr: float = 5e-4,
+             grad_accum: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
+             max_grad_norm: float | None = 1.0, eval_fn: EvalFn | None = None, eval_every: int | None = None,
+             anchor_weight: float = 0.0, anchor_tokens: int = 32, shuffle: bool = True, seed: int = 0, progress: bool = True,
+             desc: str = "finetune") -> DistillHistory:
+    """Train the parameters of `model` that require gradients on the answer loss; return the history.
+
+    Meant for a peft model (only the adapter trains), it works on any model. Each of the `steps`
+    optimizer steps accumulates `grad_accum` batches of `train_batches` (from `training_batches`),
+    cycled as needed and re-ordered on every pass with `shuffle`. AdamW with linear warm-up then cosine
+    decay to 0, gradients clipped to `max_grad_norm`. The loss is `answer_loss`, with its KL anchor to the
+    model without adapter over `anchor_tokens` prompt positions when `anchor_weight` > 0. `eval_fn(model)` (a float or a dict of floats, for
+    example a validation accuracy) runs before training, every `eval_every` steps and at the end, in eval
+    mode without gradients. Train rows of the history hold step, loss, lr, grad_norm, answer tokens seen,
+    train_s (seconds spent in training steps, evaluations excluded) and elapsed_s. The model is left in
+    eval mode.
+    """
+    _check_training_arguments(steps, lr, grad_accum, warmup_steps, 1.0, eval_every, max_grad_norm, weight_decay)
+    train_batches = _check_batches(train_batches, "train_batches")
+    if any("labels" not in batch for batch in train_batches):
+        raise ValueError("Every training batch needs 'labels' (-100 except on answer tokens); see training_batches.")
+    if eval_fn is not None and not callable(eval_fn):
+        raise ValueError(f"eval_fn must be a function eval_fn(model) -> float, got {type(eval_fn).__name__}.")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("The model has no trainable parameters (wrap it with peft.get_peft_model first).")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    history = DistillHistory()
+    start = time.perf_counter()
+    train_s = 0.0
+    postfix: dict[str, str] = {}
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            value = eval_fn(model)
+        row = {"step": step, **({k: float(v) for k, v in value.items()} if isinstance(value, Mapping)
+                                else {"eval": float(value)})}
+        row["elapsed_s"] = time.perf_counter() - start
+        history.eval.append(row)
+        postfix.update({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s")})
+        model.train()
+
+    stream = _batch_stream(train_batches, shuffle, seed)
+    tokens = 0
+    try:
+        if eval_fn is not None:
+            evaluate(0)
+        model.train()
+        bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
+        for step in bar:
+            step_start = time.perf_counter()
+            lr_now = optimizer.param_groups[0]["lr"]
+            loss_sum = 0.0
+            for _ in range(grad_accum):
+                batch = next(stream)
+                loss = answer_loss(model, batch, anchor_weight, anchor_tokens)
+                (loss / grad_accum).backward()
+                loss_sum += loss.item() / grad_accum
+                tokens += int((batch["labels"] != -100).sum())
+            if not torch.isfinite(torch.tensor(loss_sum)):
+                raise FloatingPointError(f"The loss became {loss_sum} at step {step}; lower lr (now {lr_now:.3g}).")
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_s += time.perf_counter() - step_start
+            history.train.append({"step": step, "loss": loss_sum, "lr": lr_now, "grad_norm": float(grad_norm),
+                                  "tokens": tokens, "train_s": train_s, "elapsed_s": time.perf_counter() - start})
+            postfix["loss"] = f"{loss_sum:.4g}"
+            if eval_fn is not None and (step == steps or (eval_every is not None and step % eval_every == 0)):
+                evaluate(step)
+            bar.set_postfix(postfix, refresh=False)
+        bar.close()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring: classification by answer log-probabilities, extraction by a checker
+# ---------------------------------------------------------------------------------------------------
+
+def _prompts_of(examples_or_prompts: Sequence[Example | str]) -> list[str]:
+    return [e.prompt if isinstance(e, Example) else str(e) for e in examples_or_prompts]
+
+
+@torch.no_grad()
+def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str],
+                    answers: Sequence[str] = ANSWERS, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    """Log-probability of each answer after each chat-formatted prompt: Tensor[n_prompts, n_answers].
+
+    An answer's log-probability is the sum over its tokens (the end-of-turn token not included). One
+    forward pass reads the prompts (left-padded, logits for the last position only); an answer of
+    several tokens continues from a copy of the prompts' KV cache, so the prompt is never run twice.
+    """
+    prompts = _prompts_of(prompts)
+    if not prompts or not answers:
+        raise ValueError("answer_logprobs needs at least one prompt and one answer.")
+    device = model_device(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_name = cache_argument_name(base)
+    answer_ids = [answer_token_ids(tokenizer, answer, end_of_turn=False) for answer in answers]
+    pad_id = _pad_id(tokenizer)
+    scores = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring answers", disable=not progress, leave=False):
+        rows = [prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        input_ids, attention_mask = left_pad(rows, pad_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        positions = position_ids_from_mask(attention_mask)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1)
+        first = F.log_softmax(output.logits[:, -1].float(), dim=-1)
+        batch_scores = torch.empty(len(rows), len(answers))
+        for k, ids in enumerate(answer_ids):
+            score = first[:, ids[0]]
+            if len(ids) > 1:
+                rest = torch.tensor(ids, device=device).expand(len(rows), -1)
+                mask = torch.cat([attention_mask, torch.ones_like(rest[:, 1:])], dim=1)
+                continued = model(input_ids=rest[:, :-1], attention_mask=mask,
+                                  position_ids=positions[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
+                                  use_cache=True, **{cache_name: copy.deepcopy(output_cache(output))})
+                logprobs = F.log_softmax(continued.logits.float(), dim=-1)
+                score = score + logprobs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+            batch_scores[:, k] = score.cpu()
+        scores.append(batch_scores)
+    return torch.cat(scores)
+
+
+def classify(model: nn.Module, tokenizer, examples: Sequence[Example | str], answers: Sequence[str] = ANSWERS,
+             batch_size: int = 16, progress: bool = False) -> list[str]:
+    """The answer with the highest log-probability for each prompt (see `answer_logprobs`)."""
+    scores = answer_logprobs(model, tokenizer, examples, answers, batch_size, progress)
+    return [answers[i] for i in scores.argmax(-1).tolist()]
+
+
+def classification_scores(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+    """Accuracy, the recall of each label, and the share of predictions that say "spam"."""
+    if len(predictions) != len(examples) or not examples:
+        raise ValueError(f"Need one prediction per example and at least one example; got {len(predictions)} "
+                         f"predictions for {len(examples)} examples.")
+    scores = {"accuracy": sum(p == e.label for p, e in zip(predictions, examples)) / len(examples)}
+    for label in ANSWERS:
+        rows = [p for p, e in zip(predictions, examples) if e.label == label]
+        scores[f"{label}_recall"] = sum(p == label for p in rows) / len(rows) if rows else float("nan")
+    scores["answered_spam"] = sum(p == "spam" for p in predictions) / len(predictions)
+    return scores
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[Example | str], max_new_tokens: int = 40,
+                     batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Greedy answers to chat-formatted prompts, generated in left-padded batches, decoded and stripped."""
+    prompts = _prompts_of(prompts)
+    device = model_device(model)
+    pad_id = _pad_id(tokenizer)
+    outputs = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
+        input_ids, attention_mask = left_pad([prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]],
+                                             pad_id)
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+        new_tokens = generated[:, input_ids.shape[1]:]
+        outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return outputs
+
+
+def check_extraction(output: str, expected: Mapping[str, object]) -> dict[str, bool]:
+    """Check one generated answer against the expected JSON object.
+
+    valid_json: the whole answer parses as a JSON object; right_keys: it has exactly the expected keys;
+    one entry per expected key: that value is right (same type and value); passed: all of these.
+    """
+    try:
+        parsed = json.loads(output)
+    except ValueError:
+        parsed = None
+    valid = isinstance(parsed, dict)
+    result = {"valid_json": valid, "right_keys": valid and set(parsed) == set(expected)}
+    for key, value in expected.items():
+        got = parsed.get(key) if valid else None
+        result[key] = valid and key in parsed and type(got) is type(value) and got == value
+    result["passed"] = all(result.values())
+    return result
+
+
+def extraction_scores(outputs: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+    """Share of answers passing each check of `check_extraction`, and "passed": the share passing all."""
+    if len(outputs) != len(examples) or not examples:
+        raise ValueError(f"Need one output per example and at least one example; got {len(outputs)} outputs "
+                         f"for {len(examples)} examples.")
+    checks = [check_extraction(output, json.loads(example.answer)) for output, example in zip(outputs, examples)]
+    return {key: sum(check[key] for check in checks) / len(checks) for key in checks[0]}
+
+
+def specialist_report(model: nn.Module, tokenizer, classify_examples: Sequence[Example],
+                      extract_examples: Sequence[Example], wiki_ids: torch.Tensor, window: int = 512,
+                      lm_eval_limit: int | None = None, max_new_tokens: int = 40) -> tuple[dict[str, float], list[str]]:
+    """Everything a chapter reports about one model, and its generated JSON answers.
+
+    The task scores on held-out examples (`classification_scores` and the share of JSON answers that
+    pass `check_extraction`, as "json passed") and the general ability: perplexity of `wiki_ids`
+    ("wiki ppl", `utils.evaluation.perplexity`) and the accuracy of each offline lm-eval task
+    (`utils.evaluation.run_lm_eval`, `lm_eval_limit` documents per task).
+    """
+    from .evaluation import perplexity, run_lm_eval
+
+    outputs = generate_answers(model, tokenizer, extract_examples, max_new_tokens=max_new_tokens)
+    row = {**classification_scores(classify(model, tokenizer, classify_examples), classify_examples),
+           "json passed": extraction_scores(outputs, extract_examples)["passed"],
+           "wiki ppl": perplexity(model, wiki_ids, window=window, progress=False)}
+    tasks = run_lm_eval(model, tokenizer, limit=lm_eval_limit).set_index("task")["value"]
+    row.update({task: float(value) for task, value in tasks.items()})
+    return row, outputs
