@@ -76,6 +76,25 @@ def test_attention_skipped_matches_bypass_and_restores(tiny):
     assert torch.allclose(skipped, _logits(bypass_attention(model, layers), ids), atol=1e-6)
 
 
+def test_bypass_follows_accelerate_hooks():
+    """A model dispatched with a device_map has accelerate hooks that call each block's saved forward:
+    bypassing (and skipping) must change that forward too, or the dropped attention would still be called."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model, _ = tiny_model("tiny-llama", seed=0)
+    ids, layers = _ids(), _some_layers(model)
+    expected = _logits(bypass_attention(model, layers), ids)
+    for block in decoder_layers(model):
+        add_hook_to_module(block, ModelHook())
+    with attention_skipped(model, layers):
+        assert torch.allclose(_logits(model, ids), expected, atol=1e-6)
+    bypassed = bypass_attention(model, layers, inplace=True)
+    assert torch.allclose(_logits(bypassed, ids), expected, atol=1e-6)
+    for block in decoder_layers(bypassed):
+        remove_hook_from_module(block)
+    assert torch.allclose(_logits(bypassed, ids), expected, atol=1e-6)
+
+
 def test_generate_with_cache_matches_recomputation(tiny):
     name, model, _ = tiny
     bypassed = bypass_attention(model, _some_layers(model))

@@ -45,6 +45,7 @@ from .bypass_modeling import (
     attention_only_modules,
     bypassed_block_class,
     is_bypassed,
+    set_block_class,
 )
 from .models import check_layer_indices, decoder_layers, model_device, output_cache
 from .pruning import removable_layers
@@ -113,11 +114,11 @@ def attention_skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.M
     classes = {index: type(blocks[index]) for index in indices}
     try:
         for index in indices:
-            blocks[index].__class__ = bypassed_block_class(classes[index])
+            set_block_class(blocks[index], bypassed_block_class(classes[index]))
         yield model
     finally:
         for index, block_class in classes.items():
-            blocks[index].__class__ = block_class
+            set_block_class(blocks[index], block_class)
 
 
 @contextmanager

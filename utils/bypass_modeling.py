@@ -27,6 +27,8 @@ How a bypass is done, on any Llama / Qwen 2-3 / Mistral / Gemma 3 style decoder 
 
 from __future__ import annotations
 
+import types
+
 from functools import lru_cache
 
 import torch
@@ -93,6 +95,17 @@ def bypassed_block_class(block_class: type) -> type:
     return type(f"AttentionBypassed{block_class.__name__}", (AttentionBypassedBlock, block_class), {})
 
 
+def set_block_class(block: nn.Module, block_class: type) -> None:
+    """Give `block` the class `block_class` (same attributes, new forward), also under an accelerate hook.
+
+    A model loaded with a `device_map` has accelerate hooks that saved each block's original bound
+    forward as `_old_forward` and call that; it must follow the class change, or the old forward runs.
+    """
+    block.__class__ = block_class
+    if hasattr(block, "_hf_hook") and hasattr(block, "_old_forward"):
+        block._old_forward = types.MethodType(block_class.forward, block)
+
+
 def is_bypassed(block: nn.Module) -> bool:
     """Whether a decoder block's attention sublayer is bypassed (also for blocks built by the copy of this
     file that transformers imports from a saved folder, whose classes are distinct objects)."""
@@ -137,7 +150,7 @@ def apply_bypass(model: nn.Module, indices: list[int]) -> None:
         if is_bypassed(block):
             continue
         names = attention_only_modules(block)
-        block.__class__ = bypassed_block_class(type(block))
+        set_block_class(block, bypassed_block_class(type(block)))
         for name in names:
             delattr(block, name)
     bypassed = {index for index, block in enumerate(blocks) if is_bypassed(block)}
