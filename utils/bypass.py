@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .bypass_modeling import (
     BYPASSED_LAYERS_KEY,
@@ -237,7 +235,7 @@ def select_attention_by_loss(model: nn.Module, batches: Sequence[Batch], n: int,
     the lowest loss joins. Later steps therefore see the effect of earlier choices, which a one-shot
     importance ranking cannot. Costs about n * (number of blocks) forward passes over `batches`.
     """
-    from .importance import calibration_loss  # importance imports evaluation/pruning; no cycle with this module
+    from .importance import greedy_loss_search  # importance imports evaluation/pruning; no cycle with this module
 
     n_layers = len(decoder_layers(model))
     already = set(bypassed_layers(model))
@@ -245,19 +243,5 @@ def select_attention_by_loss(model: nn.Module, batches: Sequence[Batch], n: int,
     if n > len(candidates) or len(already) + n >= n_layers:
         raise ValueError(f"Cannot choose {n} attention sublayers: {len(candidates)} candidates remain and at least "
                          "one attention sublayer must stay.")
-    chosen: list[int] = []
-    trials = sum(len(candidates) - step for step in range(n))
-    with tqdm(total=trials, desc="attention bypass search", disable=not progress, leave=False) as bar:
-        for _ in range(n):
-            best_loss, best = math.inf, None
-            for candidate in candidates:
-                if candidate in chosen:
-                    continue
-                with attention_skipped(model, chosen + [candidate]):
-                    loss = calibration_loss(model, batches)
-                if best is None or (math.isfinite(loss) and loss < best_loss):
-                    best_loss, best = loss, candidate
-                bar.update(1)
-            chosen.append(best)
-            bar.set_postfix(bypassed=chosen, loss=f"{best_loss:.4f}")
-    return chosen
+    return greedy_loss_search(model, batches, candidates, n, attention_skipped, desc="attention bypass search",
+                              progress=progress)

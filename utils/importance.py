@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -218,16 +218,29 @@ def iterative_loss_pruning(model: nn.Module, batches: Sequence[Batch], n: int, p
     n_layers = len(decoder_layers(model))
     candidates = removable_layers(n_layers, n, protect_first, protect_last)
     _prepared_batches(batches, model_device(model))  # fail before the search, not inside it
+    return greedy_loss_search(model, batches, candidates, n, layers_removed, desc="iterative loss pruning",
+                              progress=progress)
+
+
+def greedy_loss_search(model: nn.Module, batches: Sequence[Batch], candidates: Sequence[int], n: int,
+                       trial: Callable[[nn.Module, list[int]], ContextManager], desc: str = "greedy search",
+                       progress: bool = True) -> list[int]:
+    """Choose `n` of `candidates` one at a time: the one whose trial gives the lowest calibration loss.
+
+    `trial(model, indices)` is a context manager that changes the model temporarily for those indices
+    (blocks removed, attention skipped) and restores it on exit. Each step tries every remaining candidate
+    together with those chosen so far, so later steps see the effect of earlier choices. A non-finite loss
+    counts as infinitely bad. Returns the indices in the order chosen.
+    """
     chosen: list[int] = []
     trials = sum(len(candidates) - step for step in range(n))
-    with _evaluating(model), tqdm(total=trials, desc="iterative loss pruning", disable=not progress,
-                                  leave=False) as bar:
+    with _evaluating(model), tqdm(total=trials, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(n):
             best_loss, best = math.inf, None
             for candidate in candidates:
                 if candidate in chosen:
                     continue
-                with layers_removed(model, chosen + [candidate]):
+                with trial(model, chosen + [candidate]):
                     loss = calibration_loss(model, batches)
                 if not math.isfinite(loss):
                     loss = math.inf
@@ -235,7 +248,7 @@ def iterative_loss_pruning(model: nn.Module, batches: Sequence[Batch], n: int, p
                     best_loss, best = loss, candidate
                 bar.update(1)
             chosen.append(best)
-            bar.set_postfix(removed=chosen, loss=f"{best_loss:.4f}")
+            bar.set_postfix(chosen=chosen, loss=f"{best_loss:.4f}")
     return chosen
 
 
