@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from utils.models import TINY_ARCHITECTURES, load_model  # noqa: E402
 
@@ -26,3 +27,12 @@ def tiny(request):
 def embedded():
     """The real embedded model (converted into the cache on first use)."""
     return load_model("embedded")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run much faster on one thread than on two contended cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,13 +9,7 @@ from utils.distill import (DistillHistory, check_disjoint, default_layer_map, di
 from utils.models import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread than on two contended cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _drop_layers(model, drop):

@@ -18,13 +18,7 @@ MESSAGES = [("Ok lor, see you at 8", "ham"), ("WIN a prize! Call 09061701461 or 
             ("Sorry, I'll call later", "ham"), ("URGENT! Your mobile won £2000, txt CLAIM to 81010", "spam")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread than on two contended cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
