@@ -12,7 +12,7 @@ from utils.specialize import (ANSWERS, EXTRACT_KEYS, Example, adapter_size_bytes
                               answer_token_ids, check_extraction, classification_scores, classify,
                               extraction_scores, finetune, generate_answers, linear_module_names, lora_config,
                               make_examples, prompt_token_ids, shorten, sms_examples, sms_fields,
-                              training_batches)
+                              specialist_report, training_batches)
 
 MESSAGES = [("Ok lor, see you at 8", "ham"), ("WIN a prize! Call 09061701461 or visit www.win-now.com", "spam"),
             ("Sorry, I'll call later", "ham"), ("URGENT! Your mobile won £2000, txt CLAIM to 81010", "spam")]
@@ -241,6 +241,19 @@ def test_generation_in_padded_batches_equals_one_at_a_time(llama):
     together = generate_answers(model, tokenizer, examples, max_new_tokens=6, batch_size=4)
     alone = generate_answers(model, tokenizer, examples, max_new_tokens=6, batch_size=1)
     assert together == alone and len(together) == len(examples)
+
+
+def test_specialist_report_scores_the_answers_it_returns(llama):
+    model, tokenizer = llama
+    classify_examples, extract_examples = _examples("classify"), _examples("extract")
+    row, answers = specialist_report(model, tokenizer, classify_examples, extract_examples,
+                                     wiki_ids=torch.randint(0, 100, (48,)), window=16, lm_eval_limit=2,
+                                     max_new_tokens=6)
+    assert answers["classify"] == classify(model, tokenizer, classify_examples)
+    assert answers["extract"] == generate_answers(model, tokenizer, extract_examples, max_new_tokens=6)
+    assert row["accuracy"] == classification_scores(answers["classify"], classify_examples)["accuracy"]
+    assert row["json passed"] == extraction_scores(answers["extract"], extract_examples)["passed"]
+    assert row["wiki ppl"] > 1 and {"rearch_analogy", "rearch_sms_spam"} <= set(row)
 
 
 def test_extraction_checker():

@@ -434,6 +434,7 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     An answer's log-probability is the sum over its tokens (the end-of-turn token not included). One
     forward pass reads the prompts (left-padded, logits for the last position only); an answer of
     several tokens continues from a copy of the prompts' KV cache, so the prompt is never run twice.
+    Prompts of similar length share a batch (less padding to compute); rows come back in input order.
     """
     prompts = _prompts_of(prompts)
     if not prompts or not answers:
@@ -443,9 +444,11 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     cache_name = cache_argument_name(base)
     answer_ids = [answer_token_ids(tokenizer, answer, end_of_turn=False) for answer in answers]
     pad_id = _pad_id(tokenizer)
+    prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompt_rows)), key=lambda i: len(prompt_rows[i]))
     scores = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="scoring answers", disable=not progress, leave=False):
-        rows = [prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        rows = [prompt_rows[i] for i in order[start:start + batch_size]]
         input_ids, attention_mask = left_pad(rows, pad_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         positions = position_ids_from_mask(attention_mask)
@@ -465,7 +468,9 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
                 score = score + logprobs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
             batch_scores[:, k] = score.cpu()
         scores.append(batch_scores)
-    return torch.cat(scores)
+    in_input_order = torch.empty(len(prompts), len(answers))
+    in_input_order[order] = torch.cat(scores)
+    return in_input_order
 
 
 def classify(model: nn.Module, tokenizer, examples: Sequence[Example | str], answers: Sequence[str] = ANSWERS,
@@ -491,19 +496,25 @@ def classification_scores(predictions: Sequence[str], examples: Sequence[Example
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[Example | str], max_new_tokens: int = 40,
                      batch_size: int = 16, progress: bool = False) -> list[str]:
-    """Greedy answers to chat-formatted prompts, generated in left-padded batches, decoded and stripped."""
+    """Greedy answers to chat-formatted prompts, generated in left-padded batches, decoded and stripped.
+
+    Prompts of similar length share a batch (less padding to compute); answers come back in input order.
+    """
     prompts = _prompts_of(prompts)
     device = model_device(model)
     pad_id = _pad_id(tokenizer)
-    outputs = []
+    prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompt_rows)), key=lambda i: len(prompt_rows[i]))
+    outputs = [""] * len(prompts)
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
-        input_ids, attention_mask = left_pad([prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]],
-                                             pad_id)
+        batch_order = order[start:start + batch_size]
+        input_ids, attention_mask = left_pad([prompt_rows[i] for i in batch_order], pad_id)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id)
         new_tokens = generated[:, input_ids.shape[1]:]
-        outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        for i, text in zip(batch_order, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            outputs[i] = text.strip()
     return outputs
 
 
@@ -537,20 +548,24 @@ def extraction_scores(outputs: Sequence[str], examples: Sequence[Example]) -> di
 
 def specialist_report(model: nn.Module, tokenizer, classify_examples: Sequence[Example],
                       extract_examples: Sequence[Example], wiki_ids: torch.Tensor, window: int = 512,
-                      lm_eval_limit: int | None = None, max_new_tokens: int = 40) -> tuple[dict[str, float], list[str]]:
-    """Everything a chapter reports about one model, and its generated JSON answers.
+                      lm_eval_limit: int | None = None,
+                      max_new_tokens: int = 40) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Everything a chapter reports about one model, and the model's answers.
 
     The task scores on held-out examples (`classification_scores` and the share of JSON answers that
     pass `check_extraction`, as "json passed") and the general ability: perplexity of `wiki_ids`
     ("wiki ppl", `utils.evaluation.perplexity`) and the accuracy of each offline lm-eval task
-    (`utils.evaluation.run_lm_eval`, `lm_eval_limit` documents per task).
+    (`utils.evaluation.run_lm_eval`, `lm_eval_limit` documents per task). The answers come back as
+    {"classify": one answer word per classification example, "extract": one generated text per
+    extraction example}, so a chapter can compare two models answer by answer without scoring again.
     """
     from .evaluation import perplexity, run_lm_eval
 
+    predictions = classify(model, tokenizer, classify_examples)
     outputs = generate_answers(model, tokenizer, extract_examples, max_new_tokens=max_new_tokens)
-    row = {**classification_scores(classify(model, tokenizer, classify_examples), classify_examples),
+    row = {**classification_scores(predictions, classify_examples),
            "json passed": extraction_scores(outputs, extract_examples)["passed"],
            "wiki ppl": perplexity(model, wiki_ids, window=window, progress=False)}
     tasks = run_lm_eval(model, tokenizer, limit=lm_eval_limit).set_index("task")["value"]
     row.update({task: float(value) for task, value in tasks.items()})
-    return row, outputs
+    return row, {"classify": predictions, "extract": outputs}
