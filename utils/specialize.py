@@ -422,6 +422,13 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
 # Scoring: classification by answer log-probabilities, extraction by a checker
 # ---------------------------------------------------------------------------------------------------
 
+def _batches_by_length(rows: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `rows` in batches of at most `batch_size`, shortest rows first, so that rows of similar
+    length share a batch and left padding wastes little compute."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def _prompts_of(examples_or_prompts: Sequence[Example | str]) -> list[str]:
     return [e.prompt if isinstance(e, Example) else str(e) for e in examples_or_prompts]
 
@@ -445,10 +452,10 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     answer_ids = [answer_token_ids(tokenizer, answer, end_of_turn=False) for answer in answers]
     pad_id = _pad_id(tokenizer)
     prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompt_rows)), key=lambda i: len(prompt_rows[i]))
-    scores = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring answers", disable=not progress, leave=False):
-        rows = [prompt_rows[i] for i in order[start:start + batch_size]]
+    scores = torch.empty(len(prompts), len(answers))
+    for batch in tqdm(_batches_by_length(prompt_rows, batch_size), desc="scoring answers", disable=not progress,
+                      leave=False):
+        rows = [prompt_rows[i] for i in batch]
         input_ids, attention_mask = left_pad(rows, pad_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         positions = position_ids_from_mask(attention_mask)
@@ -467,10 +474,8 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
                 logprobs = F.log_softmax(continued.logits.float(), dim=-1)
                 score = score + logprobs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
             batch_scores[:, k] = score.cpu()
-        scores.append(batch_scores)
-    in_input_order = torch.empty(len(prompts), len(answers))
-    in_input_order[order] = torch.cat(scores)
-    return in_input_order
+        scores[batch] = batch_scores
+    return scores
 
 
 def classify(model: nn.Module, tokenizer, examples: Sequence[Example | str], answers: Sequence[str] = ANSWERS,
@@ -504,16 +509,14 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[Example | st
     device = model_device(model)
     pad_id = _pad_id(tokenizer)
     prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompt_rows)), key=lambda i: len(prompt_rows[i]))
     outputs = [""] * len(prompts)
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
-        batch_order = order[start:start + batch_size]
-        input_ids, attention_mask = left_pad([prompt_rows[i] for i in batch_order], pad_id)
+    for batch in tqdm(_batches_by_length(prompt_rows, batch_size), desc="generating", disable=not progress, leave=False):
+        input_ids, attention_mask = left_pad([prompt_rows[i] for i in batch], pad_id)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id)
         new_tokens = generated[:, input_ids.shape[1]:]
-        for i, text in zip(batch_order, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text.strip()
     return outputs
 
