@@ -37,15 +37,24 @@ from pathlib import Path
 import torch
 from transformers import StaticCache
 
-from utils.bypass import attention_zeroed, bypass_attention, kv_cache_bytes
+from utils.bypass import attention_zeroed, bypass_attention
 from utils.evaluation import count_parameters
-from utils.models import (ARCHITECTURES, TINY_ARCHITECTURES, architecture_summary, build_from_config,
-                          cache_argument_name, decoder_layers, load_model)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from utils.models import (
+    ARCHITECTURES,
+    TINY_ARCHITECTURES,
+    architecture_summary,
+    build_from_config,
+    cache_argument_name,
+    decoder_layers,
+    load_model,
+)
+from utils.speed import (
+    interleaved_samples,
+    kv_cache_bytes,
+    prefill_flops,
+    synchronize,
+    weight_bytes,
+)
 
 
 def attention_slots(model: torch.nn.Module) -> list[int]:
@@ -63,22 +72,6 @@ def filled_static_cache(model: torch.nn.Module, batch_size: int, context: int, m
                            dtype=parameter.dtype)
         cache.update(keys, torch.randn_like(keys), slot)
     return cache
-
-
-def block_and_head_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the decoder blocks' weights plus the LM head: what every decode step reads besides the cache."""
-    element = next(model.parameters()).element_size()
-    blocks = sum(p.numel() for p in decoder_layers(model).parameters())
-    return (blocks + model.get_output_embeddings().weight.numel()) * element
-
-
-def prefill_flops(model: torch.nn.Module, tokens: int) -> float:
-    """FLOPs of a causal prefill of `tokens` tokens (batch 1): block matmuls, causal attention, last LM head."""
-    shape = architecture_summary(model.config)
-    blocks = sum(p.numel() for p in decoder_layers(model).parameters())
-    attention_layers = len(attention_slots(model))
-    attention = attention_layers * 2 * tokens * tokens * shape["heads"] * shape["head dim"]
-    return 2 * tokens * blocks + attention + 2 * model.get_output_embeddings().weight.numel()
 
 
 @torch.no_grad()
@@ -113,15 +106,16 @@ def time_prefill(model: torch.nn.Module, tokens: int) -> float:
 
 
 def measure(variants: dict, run, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of `run(model)` per variant, the variants interleaved within every repeat."""
-    times = {name: [] for name in variants}
-    for index in range(warmup + repeats):
-        for name, (model, context) in variants.items():
+    """Median seconds of `run(model)` per variant (utils.speed.interleaved_samples: variants interleaved
+    within every round, warm-up rounds discarded); each variant runs inside its own context."""
+    def timed(model, context):
+        def call() -> float:
             with context():
-                seconds = run(model)
-            if index >= warmup:
-                times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
+                return run(model)
+        return call
+    samples = interleaved_samples({name: timed(model, context) for name, (model, context) in variants.items()},
+                                  repeats=repeats, warmup=warmup)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -161,7 +155,7 @@ def main() -> None:
         decode_settings = [(1, 128), (1, 4096), (32, 8192)]
         prefill_tokens = 4096
 
-    weights = {name: block_and_head_bytes(model) for name, (model, _) in variants.items()}
+    weights = {name: weight_bytes(model)["total"] for name, (model, _) in variants.items()}
     rows = []
     for batch_size, context in decode_settings:
         cache_bytes = {}
@@ -191,7 +185,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     seconds = measure(variants, lambda model: time_prefill(model, prefill_tokens), args.warmup, args.repeats)
-    flops = {name: prefill_flops(model, prefill_tokens) for name, (model, _) in variants.items()}
+    flops = {name: prefill_flops(model, prefill_tokens, all_logits=False) for name, (model, _) in variants.items()}
     flops["zeroed"] = flops["base"]  # zeroing does all the work
     ideal, measured = flops["base"] / flops["bypassed"], seconds["base"] / seconds["bypassed"]
     rows.append({

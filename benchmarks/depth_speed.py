@@ -22,20 +22,13 @@ from pathlib import Path
 
 import torch
 
-from utils.evaluation import measure_speed
-from utils.models import ARCHITECTURES, architecture_summary, build_from_config, decoder_layers, load_model
-from utils.pruning import remove_layers, select_last
-
-
-def decode_bytes_per_step(model: torch.nn.Module, context_tokens: int, batch_size: int) -> dict[str, float]:
-    """Bytes one decode step must read: kept blocks' weights, the LM head, and the KV cache of the context."""
-    config = model.config
-    element = next(model.parameters()).element_size()
-    block_bytes = sum(p.numel() for p in decoder_layers(model).parameters()) * element
-    head_bytes = model.get_output_embeddings().weight.numel() * element
-    shape = architecture_summary(config)
-    kv_bytes = 2 * shape["layers"] * shape["kv heads"] * shape["head dim"] * element * context_tokens * batch_size
-    return {"blocks": block_bytes, "lm_head": head_bytes, "kv_cache": kv_bytes, "total": block_bytes + head_bytes + kv_bytes}
+from utils.depth import remove_layers, select_last
+from utils.models import (
+    ARCHITECTURES,
+    build_from_config,
+    load_model,
+)
+from utils.speed import decode_bytes, measure_speed
 
 
 def main() -> None:
@@ -65,7 +58,7 @@ def main() -> None:
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         context = args.prompt_tokens + args.new_tokens // 2
-        ideal = decode_bytes_per_step(base, context, batch_size)["total"] / decode_bytes_per_step(pruned, context, batch_size)["total"]
+        ideal = decode_bytes(base, context, batch_size) / decode_bytes(pruned, context, batch_size)
         # interleave base and pruned measurements so drifts (clocks, other load) hit both alike
         runs = {"base": [], "pruned": []}
         for _ in range(3):
@@ -90,7 +83,7 @@ def main() -> None:
         "what": f"decode speed, {args.remove} of {n_layers} blocks removed",
         "model": args.model, "device": device_name, "dtype": str(dtype),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "method": "manual greedy decode loop with KV cache (utils.evaluation.measure_speed); median of repeats after warm-up; "
+        "method": "manual greedy decode loop with KV cache (utils.speed.measure_speed); median of repeats after warm-up; "
                   "base and pruned interleaved 3 times, the median of the 3 medians reported",
         "rows": rows,
     }

@@ -26,9 +26,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.bypass import bypass_attention, load_bypassed, save_bypassed
-from utils.importance import activation_neuron_importance, layer_importance, sublayer_importance
+from utils.depth import remove_layers, select_by_importance
+from utils.importance import layer_importance, sublayer_importance
 from utils.models import build_from_config
-from utils.pruning import prune_glu_width, remove_layers, select_by_importance
+from utils.width import activation_neuron_importance, prune_glu_width
 
 
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +80,7 @@ def main() -> None:
     tolerance = 0.05 if cuda else 1e-4  # bf16 matmuls on different cards may round differently
 
     start = time.perf_counter()
-    importance = {name: layer_importance(model, calibration, window=args.remove, progress=False)
+    importance = {name: layer_importance(model, calibration, window_blocks=args.remove, progress=False)
                   for name, model in (("single", single), ("sharded", sharded))}
     chosen = {name: select_by_importance(imp["block_influence"], args.remove) for name, imp in importance.items()}
     checks["layer_importance"] = {

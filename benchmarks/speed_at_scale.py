@@ -32,50 +32,20 @@ from pathlib import Path
 import torch
 
 from utils.bypass import bypass_attention
-from utils.evaluation import measure_speed
-from utils.models import architecture_summary, build_from_config, cache_argument_name, decoder_layers, output_cache
-from utils.importance import static_neuron_importance
-from utils.pruning import prune_glu_width, remove_layers, select_last
+from utils.depth import remove_layers, select_last
+from utils.models import (
+    build_from_config,
+    decoder_layers,
+)
+from utils.speed import (
+    decode_bytes,
+    kv_cache_bytes_per_token,
+    measure_speed,
+    prefill_flops,
+)
+from utils.width import prune_glu_width, static_neuron_importance
 
 GLU_MULTIPLE = 128
-
-
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters every token multiplies with: the decoder blocks' linear layers plus the LM head."""
-    blocks = sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear))
-    return blocks + model.get_output_embeddings().weight.numel()
-
-
-def attention_layers(model: torch.nn.Module) -> int:
-    """Decoder blocks that still compute attention (bypassed blocks have no q_proj left)."""
-    return sum(1 for layer in decoder_layers(model)
-               if any(isinstance(m, torch.nn.Linear) and name.endswith("q_proj") for name, m in layer.named_modules()))
-
-
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """KV-cache bytes one token adds, read from the cache tensors after a short forward pass."""
-    device = next(model.parameters()).device
-    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
-    with torch.no_grad():
-        cache = output_cache(model(input_ids=ids, use_cache=True))
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.numel():
-                total += tensor.numel() * tensor.element_size()
-    return total // 8
-
-
-def ideal_decode_bytes(model: torch.nn.Module, context: int, batch: int) -> float:
-    element = next(model.parameters()).element_size()
-    return matmul_parameters(model) * element + kv_bytes_per_token(model) * context * batch
-
-
-def ideal_prefill_flops(model: torch.nn.Module, tokens: int) -> float:
-    shape = architecture_summary(model.config)
-    scores = 2 * 2 * tokens * tokens / 2 * shape["heads"] * shape["head dim"]  # QK^T and AV, causal half
-    return 2 * matmul_parameters(model) * tokens + scores * attention_layers(model)
 
 
 def width_variant(model: torch.nn.Module, neurons_removed: int) -> torch.nn.Module:
@@ -152,21 +122,21 @@ def main() -> None:
         metrics = [m for m in runs["base"][0] if m not in ("ttft_ms", "peak_memory_gib")]
         median = {variant: {m: statistics.median(r[m] for r in results) for m in results[0] if results[0][m] is not None}
                   for variant, results in runs.items()}
-        base_decode_bytes = {m: ideal_decode_bytes(base, args.context + args.new_tokens // 2,
+        base_decode_bytes = {m: decode_bytes(base, args.context + args.new_tokens // 2,
                                                    1 if m == "decode_b1" else args.batch) for m in metrics if m != "prefill"}
         for variant, (model, description) in models.items():
             row = {"model": name, "variant": variant, "description": description,
                    "decoder_parameters_M": sum(p.numel() for p in decoder_layers(model).parameters()) / 1e6,
-                   "kv_bytes_per_token": kv_bytes_per_token(model),
+                   "kv_bytes_per_token": kv_cache_bytes_per_token(model, tokens=8),
                    "ttft_ms": median[variant]["ttft_ms"], "peak_memory_gib": median[variant].get("peak_memory_gib")}
             for metric in metrics:
                 row[f"{metric}_tokens_per_s"] = median[variant][metric]
                 row[f"{metric}_measured"] = median[variant][metric] / median["base"][metric]
                 if metric == "prefill":
-                    row[f"{metric}_ideal"] = ideal_prefill_flops(base, args.prefill) / ideal_prefill_flops(model, args.prefill)
+                    row[f"{metric}_ideal"] = prefill_flops(base, args.prefill) / prefill_flops(model, args.prefill)
                 else:
                     batch = 1 if metric == "decode_b1" else args.batch
-                    row[f"{metric}_ideal"] = base_decode_bytes[metric] / ideal_decode_bytes(
+                    row[f"{metric}_ideal"] = base_decode_bytes[metric] / decode_bytes(
                         model, args.context + args.new_tokens // 2, batch)
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
@@ -183,10 +153,10 @@ def write(rows: list[dict], args: argparse.Namespace, dtype: torch.dtype) -> Non
     result = {
         "what": "base vs depth-pruned, width-pruned and attention-bypassed at about the same decoder parameters removed",
         "device": device_name, "dtype": str(dtype), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "method": (f"utils.evaluation.measure_speed (HF forward, KV cache, greedy); prefill batch 1 x {args.prefill} tokens; "
+        "method": (f"utils.speed.measure_speed (HF forward, KV cache, greedy); prefill batch 1 x {args.prefill} tokens; "
                    f"decode {args.new_tokens} tokens after a {args.context}-token prompt at batch 1 and {args.batch}; "
                    f"median of {args.repeats} repeats after 1 warm-up, {args.rounds} interleaved rounds, median of rounds; "
-                   "ideal decode = bytes read per step (weights + LM head + KV cache), ideal prefill = FLOPs"),
+                   "ideal decode = utils.speed.decode_bytes ratio (weights + LM head + KV cache), ideal prefill = utils.speed.prefill_flops ratio"),
         "rows": rows,
     }
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from speed_at_scale import ideal_decode_bytes, ideal_prefill_flops
-from utils.evaluation import measure_speed
-from utils.importance import static_neuron_importance
 from utils.models import build_from_config
-from utils.pruning import prune_glu_width, target_intermediate_size
+from utils.speed import decode_bytes, measure_speed, prefill_flops
+from utils.width import (
+    prune_glu_width,
+    static_neuron_importance,
+    target_intermediate_size,
+)
 
 
 def main() -> None:
@@ -71,17 +73,17 @@ def main() -> None:
     for label, model in models.items():
         row = {"variant": label, "intermediate_size": model.config.intermediate_size,
                "mlp_flops_removed_share": 1 - model.config.intermediate_size / width,
-               "total_flops_removed_share_prefill": 1 - ideal_prefill_flops(model, args.prefill) / ideal_prefill_flops(base, args.prefill)}
+               "total_flops_removed_share_prefill": 1 - prefill_flops(model, args.prefill) / prefill_flops(base, args.prefill)}
         for setting, (batch, prompt, new) in settings.items():
             tokens_per_s = statistics.median(runs[label][setting])
             base_tokens_per_s = statistics.median(runs[base_label][setting])
             row[f"{setting}_tokens_per_s"] = tokens_per_s
             row[f"{setting}_measured"] = tokens_per_s / base_tokens_per_s
             if setting.startswith("prefill"):
-                row[f"{setting}_ideal"] = ideal_prefill_flops(base, prompt) / ideal_prefill_flops(model, prompt)
+                row[f"{setting}_ideal"] = prefill_flops(base, prompt) / prefill_flops(model, prompt)
             else:
                 context = prompt + new // 2
-                row[f"{setting}_ideal"] = ideal_decode_bytes(base, context, batch) / ideal_decode_bytes(model, context, batch)
+                row[f"{setting}_ideal"] = decode_bytes(base, context, batch) / decode_bytes(model, context, batch)
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
 
@@ -89,7 +91,7 @@ def main() -> None:
         "what": f"{args.percent:g}% of GLU neurons removed in every block: exact width and rounded widths",
         "model": args.model, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "dtype": str(dtype), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "method": (f"utils.evaluation.measure_speed; prefill batch 1 and 8 x {args.prefill} tokens; decode "
+        "method": (f"utils.speed.measure_speed; prefill batch 1 and 8 x {args.prefill} tokens; decode "
                    f"{args.new_tokens} tokens after {args.context} at batch 1 and 16; median of {args.repeats} repeats "
                    f"after warm-up, {args.rounds} interleaved rounds; ideal prefill = FLOPs ratio, ideal decode = "
                    "bytes-read ratio"),

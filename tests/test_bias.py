@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from utils.bias import (ATTRIBUTES, FILLERS, TEMPLATES, PromptPair, bias_attribution, bias_by_attribute,
-                        bias_from_gaps, evaluate_pruning, fair_pruning_scores, neuron_utility,
-                        check_equal_lengths, continuation_logprobs, neuron_bias_scores, neuron_count,
-                        neurons_scaled, pair_activations, prompt_pairs, random_neurons, same_length_pairs,
-                        scale_neurons_, stereotype_bias, stereotype_gaps, token_differences, top_neurons)
+from utils.bias import (ATTRIBUTES, FILLERS, PromptPair, TEMPLATES, bias_attribution, bias_by_attribute,
+                        bias_from_gaps, check_equal_lengths, continuation_logprobs, evaluate_pruning,
+                        fair_pruning_scores, neuron_bias_scores, neuron_count, neuron_utility, neurons_scaled,
+                        pair_activations, prompt_pairs, random_neurons, same_length_pairs, scale_neurons_,
+                        stereotype_bias, stereotype_gaps, token_differences, top_neurons)
 from utils.hooks import count_hooks
 from utils.models import decoder_layers, load_model
 
@@ -111,10 +111,10 @@ def test_activation_scores_shape_and_sign(llama):
     assert torch.allclose(raw, (activations[:, 0] - activations[:, 1]).mean(0))
     flipped = neuron_bias_scores(activations.flip(1))
     assert torch.allclose(flipped, -neuron_bias_scores(activations), atol=1e-6)
-    last = pair_activations(model, tokenizer, pairs, positions="last", layers=[0, 2], progress=False)
+    last = pair_activations(model, tokenizer, pairs, pooling="last", layers=[0, 2], progress=False)
     assert last.shape == (6, 2, 2, width)
-    with pytest.raises(ValueError, match="Unknown positions"):
-        pair_activations(model, tokenizer, pairs, positions="middle")
+    with pytest.raises(ValueError, match="Unknown pooling"):
+        pair_activations(model, tokenizer, pairs, pooling="middle")
     assert count_hooks(model) == 0
 
 
@@ -123,7 +123,7 @@ def test_bias_attribution_predicts_the_effect_of_a_small_scaling(llama):
     pairs = prompt_pairs("find", "nationality")[:4]
     before = down_proj_weights(model)
     flags = [p.requires_grad for p in model.parameters()]
-    scores = bias_attribution(model, tokenizer, pairs, positions="all", batch_size=3, progress=False)
+    scores = bias_attribution(model, tokenizer, pairs, gated_tokens="all", batch_size=3, progress=False)
     assert scores.shape == (model.config.num_hidden_layers, model.config.intermediate_size)
     assert count_hooks(model) == 0 and [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
@@ -139,8 +139,8 @@ def test_bias_attribution_predicts_the_effect_of_a_small_scaling(llama):
     assert float(change) == pytest.approx(-eps * float(scores[layer, neuron]), rel=0.1, abs=1e-6)
     attribute_only = bias_attribution(model, tokenizer, pairs, progress=False)
     assert not torch.allclose(attribute_only, scores)
-    with pytest.raises(ValueError, match="Unknown positions"):
-        bias_attribution(model, tokenizer, pairs, positions="last")
+    with pytest.raises(ValueError, match="Unknown gated_tokens"):
+        bias_attribution(model, tokenizer, pairs, gated_tokens="last")
 
 
 def test_top_and_random_neurons():

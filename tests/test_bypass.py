@@ -6,19 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from utils.bypass import (
-    attention_skipped,
-    attention_zeroed,
-    bypass_attention,
-    bypassed_layers,
-    filled_cache_layers,
-    kv_cache_bytes,
-    kv_cache_bytes_per_token,
-    load_bypassed,
-    modeling_source,
-    save_bypassed,
-    select_attention_by_loss,
-)
+from utils.bypass import (attention_skipped, attention_zeroed, bypass_attention, bypassed_layers, load_bypassed,
+                          modeling_source, save_bypassed, select_attention_by_loss)
+from utils.speed import filled_cache_layers, kv_cache_bytes, kv_cache_bytes_per_token
 from utils.bypass_modeling import MODELING_FILE, cache_slots
 from utils.data import calibration_batches
 from utils.evaluation import count_parameters

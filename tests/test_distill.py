@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from utils.data import calibration_batches
-from utils.distill import (DistillHistory, check_disjoint, default_layer_map, distill, distillation_loss,
-                           distillation_metrics, hidden_state_loss, kd_loss, next_token_loss)
+from utils.batches import check_disjoint
+from utils.distill import (default_layer_map, distill, distillation_loss, distillation_metrics, hidden_state_loss,
+                           kd_loss, next_token_loss)
+from utils.training import TrainingHistory
 from utils.models import tiny_model
 
 
@@ -214,7 +216,7 @@ def test_short_distillation_lowers_kd_loss_and_leaves_the_teacher_unchanged(teac
                       eval_batches=held_out, eval_every=5, progress=False)
     end = distillation_metrics(student, teacher, train)["kd"]
     assert end < 0.5 * start  # ce_weight=0: the random teacher's text model is no target worth learning
-    assert isinstance(history, DistillHistory)
+    assert isinstance(history, TrainingHistory)
     assert [row["step"] for row in history.train] == list(range(1, 13))
     assert {"loss", "ce", "kd", "hidden", "lr", "grad_norm", "tokens", "elapsed_s"} <= set(history.train[0])
     assert [row["step"] for row in history.eval] == [0, 5, 10, 12]

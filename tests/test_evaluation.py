@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from utils.evaluation import (TASKS, batch_nll, count_parameters, generate, measure_speed, model_size_bytes,
-                              perplexity, run_lm_eval, write_lm_eval_tasks)
+from utils.evaluation import (LM_EVAL_TASKS, batch_nll, count_parameters, generate, model_size_bytes, perplexity,
+                              run_lm_eval, write_lm_eval_tasks)
+from utils.speed import measure_speed
 from utils.data import load_corpus
 from utils.models import tiny_model
 
@@ -89,7 +90,7 @@ def test_lm_eval_tasks_are_disjoint_from_calibration_and_run(tmp_path):
     assert all(len(doc["choices"]) == 4 and len(set(doc["choices"])) == 4 for doc in analogy)
     model, tokenizer = tiny_model("tiny-llama")
     table = run_lm_eval(model, tokenizer, task_folder=folder, batch_size=8)
-    assert list(table["task"]) == list(TASKS)
+    assert list(table["task"]) == list(LM_EVAL_TASKS)
     assert ((table["value"] >= 0) & (table["value"] <= 1)).all()
     with pytest.raises(ValueError, match="Unknown tasks"):
         run_lm_eval(model, tokenizer, tasks=("hellaswag",), task_folder=folder)

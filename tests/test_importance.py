@@ -10,7 +10,7 @@ from utils.hooks import capture_activations, count_hooks
 from utils.importance import (angular_distance, block_influence, calibration_loss, iterative_loss_pruning,
                               layer_importance, position_importance, weight_magnitude_importance)
 from utils.models import decoder_layers, tiny_model
-from utils.pruning import remove_layers, select_by_importance, select_last
+from utils.depth import remove_layers, select_by_importance, select_last
 
 PAD = 258
 
@@ -51,7 +51,7 @@ def test_scores_match_a_hand_computation_on_a_padded_batch(tiny):
     name, model, _ = tiny
     rows = _rows(11, 5, 8)
     influence, distance = _by_hand(model, rows, window=2)
-    scores = layer_importance(model, [_padded(rows[:2]), _padded(rows[2:])], window=2, progress=False)
+    scores = layer_importance(model, [_padded(rows[:2]), _padded(rows[2:])], window_blocks=2, progress=False)
     torch.testing.assert_close(scores["block_influence"], influence, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores["angular_distance"], distance, rtol=1e-4, atol=1e-6)
     assert scores["block_influence"].shape == (len(decoder_layers(model)),)
@@ -61,32 +61,32 @@ def test_scores_match_a_hand_computation_on_a_padded_batch(tiny):
 def test_padding_does_not_change_the_scores():
     model, _ = tiny_model("tiny-llama")
     rows = _rows(12, 4, 9, seed=1)
-    alone = layer_importance(model, [{"input_ids": row[None]} for row in rows], window=3, progress=False)
-    together = layer_importance(model, [_padded(rows, extra=5)], window=3, progress=False)
+    alone = layer_importance(model, [{"input_ids": row[None]} for row in rows], window_blocks=3, progress=False)
+    together = layer_importance(model, [_padded(rows, extra=5)], window_blocks=3, progress=False)
     other_pad = _padded(rows, pad=7, extra=5)
     padding = other_pad["attention_mask"] == 0
     other_pad["input_ids"][padding] = torch.arange(int(padding.sum())) % 250  # varied ids at the padded places
-    garbage = layer_importance(model, [other_pad], window=3, progress=False)
+    garbage = layer_importance(model, [other_pad], window_blocks=3, progress=False)
     with_empty_row = _padded(rows + [torch.tensor([], dtype=torch.long)], extra=2)
-    empty = layer_importance(model, [with_empty_row], window=3, progress=False)
+    empty = layer_importance(model, [with_empty_row], window_blocks=3, progress=False)
     for key in ("block_influence", "angular_distance"):
         for other in (together, garbage, empty):
             assert torch.isfinite(other[key]).all()
             torch.testing.assert_close(other[key], alone[key], rtol=1e-4, atol=1e-6)
     # counting padding would change them: the unmasked scores differ
-    unmasked = layer_importance(model, [{"input_ids": other_pad["input_ids"]}], window=3, progress=False)
+    unmasked = layer_importance(model, [{"input_ids": other_pad["input_ids"]}], window_blocks=3, progress=False)
     assert not torch.allclose(unmasked["block_influence"], alone["block_influence"], rtol=1e-3)
 
 
 def test_window_one_angular_distance_is_arccos_of_block_influence():
     model, _ = tiny_model("tiny-gemma3")
     one_token = [{"input_ids": torch.tensor([[42]]), "attention_mask": torch.tensor([[1]])}]
-    scores = layer_importance(model, one_token, window=1, progress=False)
+    scores = layer_importance(model, one_token, window_blocks=1, progress=False)
     expected = torch.arccos(1 - scores["block_influence"]) / math.pi  # one token: cos = 1 - influence
     torch.testing.assert_close(scores["angular_distance"], expected, rtol=1e-4, atol=1e-6)
     batches = [_padded(_rows(7, 3))]
     assert torch.equal(block_influence(model, batches, progress=False),
-                       layer_importance(model, batches, window=4, progress=False)["block_influence"])
+                       layer_importance(model, batches, window_blocks=4, progress=False)["block_influence"])
     assert angular_distance(model, batches, 4, progress=False).shape == (3,)
     whole = angular_distance(model, batches, 6, progress=False)
     assert whole.shape == (1,) and 0 <= whole.item() <= 1
@@ -95,10 +95,10 @@ def test_window_one_angular_distance_is_arccos_of_block_influence():
 def test_scores_run_in_eval_mode_and_restore_the_training_flags():
     model, _ = tiny_model("tiny-llama", attention_dropout=0.5)
     batches = [_padded(_rows(10, 6))]
-    expected = layer_importance(model, batches, window=2, progress=False)
+    expected = layer_importance(model, batches, window_blocks=2, progress=False)
     model.train()
     model.model.norm.eval()  # a mixed state must come back as it was
-    first = layer_importance(model, batches, window=2, progress=False)
+    first = layer_importance(model, batches, window_blocks=2, progress=False)
     second = calibration_loss(model, batches), calibration_loss(model, batches)
     assert model.training and not model.model.norm.training and decoder_layers(model)[0].training
     assert torch.equal(first["block_influence"], expected["block_influence"])
@@ -113,7 +113,7 @@ def test_hooks_are_removed_and_flags_restored_when_the_forward_pass_raises():
     model.train()
     bad = [_padded(_rows(5)), {"input_ids": torch.tensor([[1, 10**6]])}]  # beyond the vocabulary
     with pytest.raises(IndexError):
-        layer_importance(model, bad, window=2, progress=False)
+        layer_importance(model, bad, window_blocks=2, progress=False)
     assert count_hooks(model) == 0 and model.training
     with pytest.raises(IndexError):
         iterative_loss_pruning(model, bad, 1, progress=False)
@@ -227,7 +227,7 @@ def test_baselines():
 def test_embedded_block_influence_beats_dropping_the_last_blocks(embedded):
     model, tokenizer = embedded
     batches = calibration_batches(tokenizer, n_samples=4, seq_len=64, batch_size=2)
-    scores = layer_importance(model, batches, window=4, progress=False)
+    scores = layer_importance(model, batches, window_blocks=4, progress=False)
     influence = scores["block_influence"]
     assert influence.shape == (30,) and scores["angular_distance"].shape == (27,)
     assert influence.argmax().item() == 0  # the first block turns the embeddings most

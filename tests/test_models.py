@@ -134,7 +134,8 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 
 def test_architecture_summary_and_versions():
-    from utils.models import architecture_summary, build_config, library_versions, set_seed
+    from utils.models import architecture_summary, build_config, library_versions
+    from transformers import set_seed
 
     summary = architecture_summary(build_config(ARCHITECTURES["smollm2-135m"]))
     assert summary["layers"] == 30 and summary["kv heads"] == 3 and summary["head dim"] == 64

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.models import TINY_ARCHITECTURES, decoder_layers, tiny_model
-from utils.pruning import (layers_removed, remove_layers, removable_layers, select_by_importance, select_first,
-                           select_last, select_window)
+from utils.depth import (layers_removed, removable_layers, remove_layers, select_by_importance, select_first,
+                         select_last, select_window)
 
 PROMPT = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))  # longer than gemma's window 16
 

@@ -5,27 +5,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from utils.bypass import attention_skipped, bypass_attention, bypassed_layers, filled_cache_layers
+from utils.bypass import attention_skipped, bypass_attention, bypassed_layers
+from utils.speed import filled_cache_layers
 from utils.data import calibration_batches
 from utils.models import decoder_layers, output_cache, tiny_model
-from utils.routing import (
-    AttentionRouter,
-    adaptive_state,
-    allocate_skips,
-    fit_router,
-    greedy_tokens,
-    interleaved_timings,
-    load_adaptive,
-    make_adaptive,
-    per_input_nll,
-    perplexity_by_kind,
-    pooled_hidden_states,
-    profile_skip_orders,
-    remove_adaptive,
-    save_adaptive,
-    skip_candidates,
-    skip_loss_curve,
-)
+from utils.routing import (AttentionRouter, adaptive_state, allocate_skips, fit_router, load_adaptive,
+                           make_adaptive, per_input_nll, perplexity_by_kind, pooled_hidden_states,
+                           profile_skip_orders, remove_adaptive, save_adaptive, skip_candidates, skip_loss_curve)
+from utils.speed import greedy_tokens, interleaved_timings
 
 
 def threshold_router(model, router_layer, skip_sets, feature=0):

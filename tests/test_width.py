@@ -5,10 +5,11 @@ from transformers import AutoModelForCausalLM
 
 from utils.data import calibration_batches
 from utils.hooks import capture_activations, count_hooks
-from utils.importance import (STATIC_NEURON_METHODS, activation_neuron_importance, activation_statistics,
-                              glu_projections, static_neuron_importance)
+from utils.models import glu_projections
+from utils.width import (STATIC_NEURON_METHODS, activation_neuron_importance, activation_statistics,
+                         static_neuron_importance)
 from utils.models import decoder_layers, tiny_model
-from utils.pruning import neurons_to_keep, prune_glu_width, target_intermediate_size
+from utils.width import neurons_to_keep, prune_glu_width, target_intermediate_size
 
 
 def _batches(tokenizer, n=4, length=24):

@@ -46,12 +46,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import (
+    Batch,
+    check_batches,
+    pad_rows,
+    pad_token_id,
+    to_device,
+    token_counts,
+)
+from .evaluation import perplexity
 from .hooks import capture_activations
-from .models import check_layer_indices, decoder_layers, model_device
+from .models import check_layer_indices, decoder_layers, glu_projections, model_device
 
 ATTRIBUTES = ("gender", "race_ethnicity", "religion", "age", "nationality")
-SPLITS = ("find", "held_out", "all")
-POSITIONS = ("from_attribute", "last")
+PAIR_SPLITS = ("find", "held_out", "all")
+POOLING = ("from_attribute", "last")
 
 # Filler pairs (side A, side B). The templates' stereotyped continuation is the one a stereotype ties to side A.
 FILLERS: dict[str, list[tuple[str, str]]] = {
@@ -163,8 +172,8 @@ def prompt_pairs(split: str = "all", attributes: Sequence[str] | str | None = No
     `split` is "find" (even template positions: for choosing neurons), "held_out" (odd positions: for
     measuring) or "all". `attributes` restricts to some of ATTRIBUTES (default: all of them).
     """
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; known splits: {', '.join(SPLITS)}.")
+    if split not in PAIR_SPLITS:
+        raise ValueError(f"Unknown split {split!r}; known splits: {', '.join(PAIR_SPLITS)}.")
     pairs = []
     for attribute in check_attributes(attributes):
         for index, (context, stereotyped, anti) in enumerate(TEMPLATES[attribute]):
@@ -216,25 +225,15 @@ def same_length_pairs(tokenizer, pairs: Sequence[PromptPair]) -> list[PromptPair
 # The bias metric: log-probability gaps on held-out pairs
 # ---------------------------------------------------------------------------------------------------
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
-    return ids, mask
-
-
 def _continuation_batch(tokenizer, contexts: Sequence[str], continuations: Sequence[str]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded context+continuation ids, their attention mask, and a mask of the continuation tokens."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     context_ids = [_encode(tokenizer, c) for c in contexts]
     continuation_ids = [_encode(tokenizer, c) for c in continuations]
     if any(not ids for ids in continuation_ids) or any(not ids for ids in context_ids):
         raise ValueError("Every context and continuation must contain at least one token.")
-    ids, mask = _right_pad([c + k for c, k in zip(context_ids, continuation_ids)], pad_id)
+    ids, mask = pad_rows([c + k for c, k in zip(context_ids, continuation_ids)], pad_id, side="right")
     scored = torch.zeros_like(mask, dtype=torch.bool)
     for i, (c, k) in enumerate(zip(context_ids, continuation_ids)):
         scored[i, len(c):len(c) + len(k)] = True
@@ -309,33 +308,33 @@ def _first_difference(ids_a: list[int], ids_b: list[int]) -> int:
 
 
 @torch.no_grad()
-def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], positions: str = "from_attribute",
+def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], pooling: str = "from_attribute",
                      layers: Sequence[int] | None = None, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """Pooled MLP intermediate activations (act(gate) * up) of both sides of each pair.
 
     Returns Tensor[n_pairs, 2, n_layers, intermediate] (CPU, float32); index 1 is side A (0) or B (1).
-    `positions` chooses the pooled tokens of each context: "from_attribute", the mean over the tokens
+    `pooling` chooses the pooled tokens of each context: "from_attribute", the mean over the tokens
     from the first one that differs between the sides to the end; "last", the last token (the one that
     predicts the continuation). Each side is pooled over its own tokens, so unequal lengths are fine.
     Hooks come from `utils.hooks.capture_activations` and are removed on exit.
     """
     pairs = _check_pairs(pairs)
-    if positions not in POSITIONS:
-        raise ValueError(f"Unknown positions {positions!r}; known: {', '.join(POSITIONS)}.")
+    if pooling not in POOLING:
+        raise ValueError(f"Unknown pooling {pooling!r}; known: {', '.join(POOLING)}.")
     layers = check_layer_indices(model, list(range(len(decoder_layers(model)))) if layers is None else list(layers))
     device = model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     pooled_batches = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="pair activations", disable=not progress, leave=False):
         rows, weights = [], []
         for p in pairs[start:start + batch_size]:
             ids_a, ids_b = _encode(tokenizer, p.context_a), _encode(tokenizer, p.context_b)
-            first = _first_difference(ids_a, ids_b) if positions == "from_attribute" else None
+            first = _first_difference(ids_a, ids_b) if pooling == "from_attribute" else None
             for ids in (ids_a, ids_b):
                 begin = len(ids) - 1 if first is None else first
                 rows.append(ids)
                 weights.append((begin, len(ids)))
-        ids, mask = _right_pad(rows, pad_id)
+        ids, mask = pad_rows(rows, pad_id, side="right")
         pooling = torch.zeros(ids.shape, dtype=torch.float32)
         for row, (begin, end) in enumerate(weights):
             pooling[row, begin:end] = 1.0 / (end - begin)
@@ -394,8 +393,9 @@ def _neuron_gates(model: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[t
     """
     blocks = decoder_layers(model)
     device = model_device(model)
-    gates = [torch.ones(block.mlp.down_proj.in_features, device=device, requires_grad=True) for block in blocks]
-    magnitude = [torch.zeros(block.mlp.down_proj.in_features) for block in blocks]
+    downs = [glu_projections(block)[2] for block in blocks]
+    gates = [torch.ones(down.in_features, device=device, requires_grad=True) for down in downs]
+    magnitude = [torch.zeros(down.in_features) for down in downs]
     position_mask: list[torch.Tensor] = []
 
     def gate_hook(layer: int):
@@ -413,7 +413,7 @@ def _neuron_gates(model: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[t
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        handles = [block.mlp.down_proj.register_forward_pre_hook(gate_hook(i)) for i, block in enumerate(blocks)]
+        handles = [down.register_forward_pre_hook(gate_hook(i)) for i, down in enumerate(downs)]
         yield gates, position_mask, magnitude
     finally:
         for handle in handles:
@@ -423,21 +423,21 @@ def _neuron_gates(model: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[t
         model.train(training)
 
 
-def bias_attribution(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], positions: str = "from_attribute",
+def bias_attribution(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], gated_tokens: str = "from_attribute",
                      batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """First-order estimate of how much pruning each neuron lowers the bias of `pairs`: Tensor[n_layers, intermediate].
 
     The objective is B = mean over pairs of sign(d_p) * d_p, with d_p = gap(A) - gap(B) and the signs
     fixed at the unchanged model (so B is the bias metric there). Every neuron j gets a gate s_j = 1
-    multiplying its activation (the input of down_proj) at the chosen token positions: "from_attribute",
+    multiplying its activation (the input of down_proj) at the `gated_tokens`: "from_attribute",
     the tokens from the first one where the sides differ to the end, or "all". One backward pass gives
     dB/ds_j for every neuron, and pruning (s_j from 1 to 0) changes B by about -dB/ds_j: a positive
     score means "pruning this neuron should lower the bias". "from_attribute" leaves out what a neuron
     does on the shared opening words, where a few neurons with huge activations act on every text.
     """
     pairs = _check_pairs(pairs)
-    if positions not in ("from_attribute", "all"):
-        raise ValueError(f"Unknown positions {positions!r} for bias_attribution; known: from_attribute, all.")
+    if gated_tokens not in ("from_attribute", "all"):
+        raise ValueError(f"Unknown gated_tokens {gated_tokens!r} for bias_attribution; known: from_attribute, all.")
     gaps = stereotype_gaps(model, tokenizer, pairs)
     signs = torch.sign(gaps[:, 0] - gaps[:, 1])
     with _neuron_gates(model) as (gates, position_mask, _):
@@ -446,7 +446,7 @@ def bias_attribution(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], p
             contexts, continuations = _gap_inputs(chunk)
             ids, mask, scored = _continuation_batch(tokenizer, contexts, continuations)
             gated = mask.bool().clone()
-            if positions == "from_attribute":
+            if gated_tokens == "from_attribute":
                 for i, p in enumerate(chunk):
                     first = _first_difference(_encode(tokenizer, p.context_a), _encode(tokenizer, p.context_b))
                     gated[4 * i:4 * i + 4, :first] = False
@@ -458,7 +458,7 @@ def bias_attribution(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], p
         return torch.stack([gate.grad.float().cpu() for gate in gates])
 
 
-def neuron_utility(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], progress: bool = True) -> dict[str, torch.Tensor]:
+def neuron_utility(model: nn.Module, batches: Sequence[Batch], progress: bool = True) -> dict[str, torch.Tensor]:
     """What each neuron does for language modeling on calibration batches (lists of input_ids/attention_mask dicts).
 
     Returns Tensors[n_layers, intermediate]: "cost", the first-order increase of the mean next-token loss
@@ -467,15 +467,13 @@ def neuron_utility(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
     The first-order cost misses neurons whose removal is far from linear (a few with huge activations),
     which is what "magnitude" catches.
     """
-    if isinstance(batches, dict) or not batches:
-        raise ValueError("`batches` must be a non-empty list of {'input_ids', 'attention_mask'} dicts "
-                         "(see utils.data.calibration_batches).")
+    batches = check_batches(batches, "batches", min_real_tokens=2)
     device = model_device(model)
-    n_tokens = sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in batches)
+    n_tokens = sum(token_counts(batch)[0] for batch in batches)
     with _neuron_gates(model) as (gates, position_mask, magnitude):
         for batch in tqdm(batches, desc="neuron utility", disable=not progress, leave=False):
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
+            moved = to_device(batch, device)
+            ids, mask = moved["input_ids"], moved["attention_mask"]
             position_mask[:] = [mask.bool()]
             labels = ids.masked_fill(mask == 0, -100)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
@@ -483,7 +481,7 @@ def neuron_utility(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                                    reduction="sum")
             (loss / n_tokens).backward()
         cost = -torch.stack([gate.grad.float().cpu() for gate in gates])
-        column_norms = torch.stack([block.mlp.down_proj.weight.detach().float().norm(dim=0).cpu()
+        column_norms = torch.stack([glu_projections(block)[2].weight.detach().float().norm(dim=0).cpu()
                                     for block in decoder_layers(model)])
         return {"cost": cost, "magnitude": torch.stack(magnitude) / n_tokens * column_norms}
 
@@ -518,7 +516,7 @@ def fair_pruning_scores(bias_gain: torch.Tensor, utility: Mapping[str, torch.Ten
 # Choosing neurons
 # ---------------------------------------------------------------------------------------------------
 
-def _check_count(n: int, total: int) -> None:
+def _check_neuron_count(n: int, total: int) -> None:
     if not 0 <= n <= total:
         raise ValueError(f"Cannot choose {n} neurons: the count must be in 0..{total}.")
 
@@ -531,7 +529,7 @@ def top_neurons(scores: torch.Tensor, n: int, absolute: bool = True) -> NeuronSe
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape [n_layers, intermediate], got {tuple(scores.shape)}.")
-    _check_count(n, scores.numel())
+    _check_neuron_count(n, scores.numel())
     flat = torch.topk((scores.abs() if absolute else scores).flatten(), n).indices
     return _neuron_set(flat, scores.shape[1])
 
@@ -543,7 +541,7 @@ def random_neurons(n_layers: int, intermediate: int, n: int, seed: int, like: Ne
     inside each), a control that differs from the chosen set only in which neurons of a layer are hit.
     """
     total = n_layers * intermediate
-    _check_count(n, total)
+    _check_neuron_count(n, total)
     generator = torch.Generator().manual_seed(seed)
     if like is None:
         return _neuron_set(torch.randperm(total, generator=generator)[:n], intermediate)
@@ -577,9 +575,7 @@ def _down_proj_columns(model: nn.Module, neurons: Mapping[int, Sequence[int]]) -
     check_layer_indices(model, list(neurons))
     targets = []
     for layer, indices in neurons.items():
-        down_proj = getattr(getattr(blocks[layer], "mlp", None), "down_proj", None)
-        if not isinstance(down_proj, nn.Linear):
-            raise ValueError(f"Decoder block {layer} has no mlp.down_proj linear layer to scale.")
+        down_proj = glu_projections(blocks[layer])[2]
         width = down_proj.in_features
         bad = [i for i in indices if not 0 <= int(i) < width]
         if bad or len(set(indices)) != len(indices):
@@ -639,8 +635,6 @@ def evaluate_pruning(model: nn.Module, tokenizer, neurons: Mapping[int, Sequence
 
     Returns {"bias", "signed", "perplexity", "gaps"} (gaps: Tensor[n_pairs, 2], for per-attribute views).
     """
-    from .evaluation import perplexity
-
     with neurons_scaled(model, neurons, factor):
         gaps = stereotype_gaps(model, tokenizer, pairs)
         ppl = perplexity(model, eval_ids, window=window, progress=False)

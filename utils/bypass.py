@@ -21,7 +21,7 @@ functions here act on the attention sublayers that matter least.
   computed (and its KV cache filled) and then multiplied away. It is kept to measure the difference.
 - `attention_skipped(model, indices)` bypasses temporarily, without deleting anything, for searches;
   `select_attention_by_loss` is such a search (greedy on calibration loss).
-- `kv_cache_bytes` measures a KV cache from its tensors.
+- Measuring the KV cache (`kv_cache_bytes`, `kv_cache_bytes_per_token`) lives in `utils.speed`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .batches import Batch
 from .bypass_modeling import (
     BYPASSED_LAYERS_KEY,
     LOADER_CLASS,
@@ -45,10 +46,9 @@ from .bypass_modeling import (
     is_bypassed,
     set_block_class,
 )
-from .models import check_layer_indices, decoder_layers, model_device, output_cache
-from .pruning import removable_layers
-
-Batch = dict[str, torch.Tensor]
+from .depth import removable_layers
+from .importance import greedy_loss_search
+from .models import check_layer_indices, decoder_layers
 
 
 def bypassed_layers(model: nn.Module) -> list[int]:
@@ -189,40 +189,6 @@ def load_bypassed(folder: str | Path, **kwargs) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Measuring the KV cache
-# ---------------------------------------------------------------------------------------------------
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by the key and value tensors of a KV cache (a transformers Cache), counted from the
-    tensors themselves: empty slots and dummy layers count 0."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def filled_cache_layers(cache) -> int:
-    """Number of cache slots that hold key/value tensors with at least one token."""
-    return sum(1 for layer in getattr(cache, "layers", [])
-               if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0)
-
-
-@torch.no_grad()
-def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 64, batch_size: int = 1) -> float:
-    """KV-cache bytes per token, measured: one forward pass with the cache over `batch_size` rows of
-    `tokens` token ids, then the bytes of the cache's tensors divided by the number of tokens.
-
-    Keep `tokens` below any sliding window, or sliding layers will hold fewer tokens than were fed.
-    """
-    device = model_device(model)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, tokens), generator=torch.Generator().manual_seed(0))
-    output = model(input_ids=ids.to(device), use_cache=True)
-    return kv_cache_bytes(output_cache(output)) / (batch_size * tokens)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Choosing the attention sublayers to bypass
 # ---------------------------------------------------------------------------------------------------
 
@@ -235,8 +201,6 @@ def select_attention_by_loss(model: nn.Module, batches: Sequence[Batch], n: int,
     the lowest loss joins. Later steps therefore see the effect of earlier choices, which a one-shot
     importance ranking cannot. Costs about n * (number of blocks) forward passes over `batches`.
     """
-    from .importance import greedy_loss_search  # importance imports evaluation/pruning; no cycle with this module
-
     n_layers = len(decoder_layers(model))
     already = set(bypassed_layers(model))
     candidates = [i for i in removable_layers(n_layers, n, protect_first, protect_last) if i not in already]

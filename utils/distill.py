@@ -12,32 +12,31 @@ Hidden-state indices follow `output_hidden_states=True`: index 0 is the embeddin
 output of decoder block i-1, and the last index (= number of blocks) the output of the last block after
 the final norm. Every term averages over real tokens only: positions where `attention_mask` is 0
 (padding) never count. `distill` runs the training loop (AdamW, warm-up then cosine decay, gradient
-accumulation and clipping) with the teacher frozen, and returns a `DistillHistory`.
+accumulation and clipping: `utils.training.train`) with the teacher frozen, and returns its history.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-import random
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
+from .batches import Batch, check_batches, check_disjoint, to_device, token_counts
 from .models import decoder_layers, model_device
+from .training import (
+    EvalFn,
+    TrainingHistory,
+    check_training_arguments,
+    evaluation_values,
+    train,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-Batch = Mapping[str, torch.Tensor]
-EvalFn = Callable[[nn.Module], "float | Mapping[str, float]"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,54 +250,6 @@ def _text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _check_batches(batches: Sequence[Batch], what: str) -> list[Batch]:
-    """Batches must be a non-empty list of dicts with 2-D input_ids and, if present, a matching mask."""
-    if isinstance(batches, Mapping):
-        raise ValueError(f"{what} must be a list of batches (dicts), got a single dict; wrap it in a list.")
-    batches = list(batches)
-    if not batches:
-        raise ValueError(f"{what} is empty: give at least one batch such as those of "
-                         "utils.data.calibration_batches(tokenizer, split='train').")
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise ValueError(f"{what}[{i}] must be a dict with 'input_ids' (and optionally 'attention_mask').")
-        ids = batch["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0:
-            raise ValueError(f"{what}[{i}]['input_ids'] must be a non-empty 2-D tensor (batch, sequence).")
-        mask = batch.get("attention_mask")
-        if mask is not None and mask.shape != ids.shape:
-            raise ValueError(f"{what}[{i}]: attention_mask {tuple(mask.shape)} does not match input_ids "
-                             f"{tuple(ids.shape)}.")
-        real = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
-        if int(real.max()) < 2:
-            raise ValueError(f"{what}[{i}] has no row with at least 2 real tokens: nothing to predict.")
-    return batches
-
-
-def _rows(batches: Sequence[Batch]) -> set[tuple[int, ...]]:
-    rows = set()
-    for batch in batches:
-        ids = batch["input_ids"].cpu()
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.cpu().bool()
-        for row, row_mask in zip(ids, mask):
-            rows.add(tuple(row[row_mask].tolist()))
-    return rows
-
-
-def check_disjoint(train_batches: Sequence[Batch], eval_batches: Sequence[Batch]) -> None:
-    """Raise a ValueError when a row of the evaluation batches also appears in the training batches.
-
-    Rows are compared by their real tokens. Held-out numbers are only meaningful on text the student
-    was not trained on: take training batches from split="train" and evaluation ones from "validation".
-    """
-    shared = _rows(train_batches) & _rows(eval_batches)
-    if shared:
-        raise ValueError(f"{len(shared)} evaluation rows also appear in the training batches: evaluation must be "
-                         "held out. Use calibration_batches(..., split='train') for training and "
-                         "split='validation' for evaluation.")
-
-
 def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
     """Student and teacher must be distinct, share no parameters, and have one vocabulary."""
     if student is teacher:
@@ -311,11 +262,9 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _forward(model: nn.Module, batch: Batch, hidden: bool):
-    device = model_device(model)
-    ids = batch["input_ids"].to(device)
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    return model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
+    moved = to_device(batch, model_device(model))
+    return model(input_ids=moved["input_ids"], attention_mask=moved["attention_mask"], output_hidden_states=hidden,
+                 use_cache=False)
 
 
 def _batch_terms(student: nn.Module, teacher: nn.Module, batch: Batch, *, temperature: float, ce_weight: float,
@@ -336,14 +285,6 @@ def _batch_terms(student: nn.Module, teacher: nn.Module, batch: Batch, *, temper
         teacher_hidden_states=teacher_out.hidden_states if hidden else None, layer_map=layer_map)
 
 
-def _token_counts(batch: Batch) -> tuple[int, int]:
-    """Real positions (what the KD and hidden terms average over) and scored next-token targets (CE)."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    return int(mask.sum()), int((mask[:, 1:] & mask[:, :-1]).sum())
-
-
 @torch.no_grad()
 def distillation_metrics(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], *,
                          temperature: float = 2.0, layer_map: Mapping[int, int] | None = None,
@@ -355,90 +296,37 @@ def distillation_metrics(student: nn.Module, teacher: nn.Module, batches: Sequen
     each averaged over the real tokens of all batches together. Both models run in eval mode; their
     previous modes are restored afterwards.
     """
-    batches = _check_batches(batches, "batches")
+    batches = check_batches(batches, "batches", min_real_tokens=2)
     _check_pair(student, teacher)
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
     sums = {"ce": 0.0, "kd": 0.0, "hidden": 0.0}
-    positions_total, targets_total = 0, 0
+    real_total, targets_total = 0, 0
     try:
         for batch in tqdm(batches, desc="distillation metrics", disable=not progress, leave=False):
             terms = _batch_terms(student, teacher, batch, temperature=temperature, ce_weight=1.0, kd_weight=0.0,
                                  hidden_weight=0.0, layer_map=layer_map)
-            positions, targets = _token_counts(batch)
+            real_tokens, targets = token_counts(batch)
             sums["ce"] += terms["ce"].item() * targets
-            sums["kd"] += terms["kd"].item() * positions
+            sums["kd"] += terms["kd"].item() * real_tokens
             if "hidden" in terms:
-                sums["hidden"] += terms["hidden"].item() * positions
-            positions_total += positions
+                sums["hidden"] += terms["hidden"].item() * real_tokens
+            real_total += real_tokens
             targets_total += targets
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
     ce = sums["ce"] / max(targets_total, 1)
-    metrics = {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kd": sums["kd"] / positions_total}
+    metrics = {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "kd": sums["kd"] / real_total}
     if layer_map is not None:
-        metrics["hidden"] = sums["hidden"] / positions_total
+        metrics["hidden"] = sums["hidden"] / real_total
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class DistillHistory:
-    """What `distill` recorded: one row per optimizer step in `train`, one row per evaluation in `eval`.
-
-    Train rows: step, loss, ce, kd (and hidden when used), lr (the rate the step used), grad_norm (before
-    clipping), tokens (real tokens seen so far), elapsed_s. Eval rows: step (0 = before training),
-    elapsed_s, and the metrics ("eval" for a float-returning `eval_fn`, its keys for a dict, "eval_ce",
-    "eval_ppl", "eval_kd" for `eval_batches`). `pandas.DataFrame(history.train)` gives a table.
-    """
-
-    train: list[dict[str, float]] = field(default_factory=list)
-    eval: list[dict[str, float]] = field(default_factory=list)
-
-    def column(self, key: str, part: str = "train") -> list[float]:
-        """The values of one key over the rows of `part` ("train" or "eval") that have it."""
-        if part not in ("train", "eval"):
-            raise ValueError(f"part must be 'train' or 'eval', got {part!r}.")
-        return [row[key] for row in getattr(self, part) if key in row]
-
-
-def _check_training_arguments(steps: int, lr: float, grad_accum: int, warmup_steps: int, temperature: float,
-                              eval_every: int | None, max_grad_norm: float | None, weight_decay: float) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps (optimizer steps) must be an integer >= 1, got {steps!r}.")
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum (batches per optimizer step) must be an integer >= 1, got {grad_accum!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}.")
-    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
-        raise ValueError(f"warmup_steps must be an integer in 0..steps ({steps}), got {warmup_steps!r}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-        raise ValueError(f"eval_every must be an integer >= 1 or None (evaluate at start and end), got {eval_every!r}.")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}.")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
-
-
-def _batch_stream(batches: list[Batch], shuffle: bool, seed: int):
-    """Cycle through the batches forever; with `shuffle`, in a new seeded order on every pass."""
-    if not shuffle:
-        yield from itertools.cycle(batches)
-        return
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(batches)))
-        rng.shuffle(order)
-        for i in order:
-            yield batches[i]
-
 
 def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batch], *, steps: int,
             lr: float = 1e-4, grad_accum: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
@@ -447,21 +335,21 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
             eval_fn: EvalFn | None = None, eval_batches: Sequence[Batch] | None = None,
             eval_every: int | None = None, check_overlap: bool = True, shuffle: bool = False,
             device: str | torch.device | None = None, progress: bool = True, seed: int = 0,
-            accelerator: Accelerator | None = None) -> DistillHistory:
+            mixed_precision: str = "auto", accelerator: Accelerator | None = None) -> TrainingHistory:
     """Train `student` to imitate `teacher` on `train_batches` and return the history of the run.
 
-    Each of the `steps` optimizer steps accumulates the gradients of `grad_accum` batches (each batch's
-    loss divided by `grad_accum`), taken in order from `train_batches` and cycled as needed (`shuffle`
-    re-orders every pass, seeded). AdamW with linear warm-up over `warmup_steps` then cosine decay to 0
-    (transformers' get_cosine_schedule_with_warmup); gradients clipped to `max_grad_norm`. The loss is
-    `distillation_loss` with the given weights; `hidden_weight` > 0 adds the hidden-state term over
+    The training loop is `utils.training.train` (AdamW, warm-up then cosine decay, gradient accumulation
+    over `grad_accum` batches, clipping to `max_grad_norm`, `shuffle` and `seed`, float32 master weights
+    with autocast for a float16 or bfloat16 student, see `mixed_precision`); the loss is
+    `distillation_loss` with the given weights, and `hidden_weight` > 0 adds the hidden-state term over
     `layer_map` (default: `default_layer_map` by relative depth). The teacher runs in eval mode under
     no_grad and is never changed (its mode is restored at the end). Held-out evaluation, before training,
     every `eval_every` steps and at the end: `eval_fn(student)` (a float or a dict of floats, e.g. a
-    perplexity) and/or `distillation_metrics` on `eval_batches`, which must not share rows with the
-    training batches (`check_overlap`). `device` moves the student (default: where it is); the teacher
-    stays where it is and gets each batch on its own device. `seed` seeds torch and the shuffling. The
-    student is returned to eval mode at the end, trained in place.
+    perplexity) and/or `distillation_metrics` on `eval_batches` (as "eval_ce", "eval_ppl", "eval_kd"),
+    which must not share rows with the training batches (`check_overlap`). `device` moves the student
+    (default: where it is); the teacher stays where it is and gets each batch on its own device. Train
+    rows of the history hold loss, ce, kd (and hidden), lr, grad_norm, real tokens seen, train_s and
+    elapsed_s. The student is returned to eval mode at the end, trained in place.
 
     Several GPUs: pass an `accelerate.Accelerator` and start the script with `accelerate launch`. Each
     process then trains on its own share of `train_batches` (batch i goes to process i mod the number of
@@ -469,13 +357,14 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
     gradients are averaged across processes, and mixed precision follows the accelerator; `steps` counts
     optimizer steps, each seeing one batch per process.
     """
-    _check_training_arguments(steps, lr, grad_accum, warmup_steps, temperature, eval_every, max_grad_norm,
-                              weight_decay)
+    check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
     _check_weights(ce_weight, kd_weight, hidden_weight)
-    train_batches = _check_batches(train_batches, "train_batches")
+    train_batches = check_batches(train_batches, "train_batches", min_real_tokens=2)
     _check_pair(student, teacher)
     if eval_batches is not None:
-        eval_batches = _check_batches(eval_batches, "eval_batches")
+        eval_batches = check_batches(eval_batches, "eval_batches", min_real_tokens=2)
         if check_overlap:
             check_disjoint(train_batches, eval_batches)
     if eval_fn is not None and not callable(eval_fn):
@@ -489,103 +378,38 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
         if layer_map is None:
             layer_map = default_layer_map(_n_blocks(student), _n_blocks(teacher))
         layer_map = check_layer_map(layer_map, _n_blocks(student) + 1, _n_blocks(teacher) + 1)
-
     if accelerator is not None:
-        shard = train_batches[accelerator.process_index::accelerator.num_processes]
-        if not shard:
-            raise ValueError(f"{len(train_batches)} training batches cannot feed {accelerator.num_processes} "
-                             "processes: pass at least one batch per process.")
-        train_batches = shard
         teacher.to(accelerator.device)
     elif device is not None:
         student.to(device)
-    torch.manual_seed(seed)
+    terms = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, hidden_weight=hidden_weight,
+                 layer_map=layer_map)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return _batch_terms(model, teacher, batch, **terms)
+
+    evaluate = None
+    if eval_fn is not None or eval_batches is not None:
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            row: dict[str, float] = {}
+            if eval_fn is not None:
+                row.update(evaluation_values(eval_fn(model)))
+            if eval_batches is not None:
+                metrics = distillation_metrics(model, teacher, eval_batches, temperature=temperature,
+                                               layer_map=layer_map)
+                row.update({f"eval_{k}": v for k, v in metrics.items()})
+            return row
+
     teacher_was_training = teacher.training
     teacher.eval()
-    parameters = [p for p in student.parameters() if p.requires_grad]
-    if not parameters:
-        raise ValueError("The student has no trainable parameters (every requires_grad is False).")
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    trained = student  # what the forward pass goes through: the student, or accelerate's wrapper around it
-    if accelerator is not None:
-        # the scheduler is not prepared: accelerate would step it once per process, and `steps` is global
-        trained, optimizer = accelerator.prepare(student, optimizer)
-        parameters = [p for p in trained.parameters() if p.requires_grad]
-        progress = progress and accelerator.is_main_process
-    history = DistillHistory()
-    start = time.perf_counter()
-    kwargs = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, hidden_weight=hidden_weight,
-                  layer_map=layer_map)
-
-    def evaluate(step: int) -> dict[str, float]:
-        row: dict[str, float] = {"step": step}
-        if eval_fn is not None:
-            student.eval()
-            with torch.no_grad():
-                value = eval_fn(student)
-            if isinstance(value, Mapping):
-                row.update({k: float(v) for k, v in value.items()})
-            else:
-                row["eval"] = float(value)
-        if eval_batches is not None:
-            metrics = distillation_metrics(student, teacher, eval_batches, temperature=temperature,
-                                           layer_map=layer_map)
-            row.update({f"eval_{k}": v for k, v in metrics.items()})
-        row["elapsed_s"] = time.perf_counter() - start
-        history.eval.append(row)
-        return row
-
-    evaluating = eval_fn is not None or eval_batches is not None
-    stream = _batch_stream(train_batches, shuffle, seed)
-    tokens = 0
-    running = None
-    postfix: dict[str, str] = {}
     try:
-        if evaluating:
-            postfix.update({k: f"{v:.4g}" for k, v in evaluate(0).items() if k not in ("step", "elapsed_s")})
-        student.train()
-        bar = tqdm(range(1, steps + 1), desc="distill", disable=not progress)
-        for step in bar:
-            lr_now = optimizer.param_groups[0]["lr"]
-            sums: dict[str, float] = {}
-            for micro_step in range(grad_accum):
-                batch = next(stream)
-                if accelerator is None:
-                    terms = _batch_terms(student, teacher, batch, **kwargs)
-                    (terms["loss"] / grad_accum).backward()
-                else:  # gradients are averaged across processes on the last micro-batch only
-                    sync = micro_step == grad_accum - 1
-                    with (contextlib.nullcontext() if sync else accelerator.no_sync(trained)):
-                        terms = _batch_terms(trained, teacher, batch, **kwargs)
-                        accelerator.backward(terms["loss"] / grad_accum)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.item() / grad_accum
-                tokens += _token_counts(batch)[0]
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"The distillation loss became {sums['loss']} at step {step}; lower lr "
-                                         f"(now {lr_now:.3g}) or check the inputs.")
-            if accelerator is None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
-            else:
-                grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.train.append({"step": step, **sums, "lr": lr_now, "grad_norm": float(grad_norm),
-                                  "tokens": tokens, "elapsed_s": time.perf_counter() - start})
-            running = sums["loss"] if running is None else 0.9 * running + 0.1 * sums["loss"]
-            postfix.update(loss=f"{running:.4g}", kd=f"{sums['kd']:.4g}", lr=f"{lr_now:.2e}")
-            if evaluating and (step == steps or (eval_every is not None and step % eval_every == 0)):
-                postfix.update({k: f"{v:.4g}" for k, v in evaluate(step).items() if k not in ("step", "elapsed_s")})
-                student.train()
-            bar.set_postfix(postfix, refresh=False)
-        bar.close()
+        return train(student, train_batches, loss_fn, steps=steps, lr=lr, grad_accum=grad_accum,
+                     warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                     eval_fn=evaluate, eval_every=eval_every, shuffle=shuffle, seed=seed,
+                     mixed_precision=mixed_precision, accelerator=accelerator, progress=progress, desc="distill",
+                     batches_name="train_batches")
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        student.eval()
         teacher.train(teacher_was_training)
-    return history
 
 
 def train_only_blocks_from(student: nn.Module, first_block: int, train_embeddings: bool = False) -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -19,12 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import analogy_questions, atomic_write_text, load_labeled
-from .models import cache_argument_name, cache_root, model_device, output_cache
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .models import cache_root, model_device
 
 
 @torch.no_grad()
@@ -140,56 +133,11 @@ def model_size_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in _unique_parameters(model).values())
 
 
-@torch.no_grad()
-def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1,
-                  warmup: int = 1, repeats: int = 5, seed: int = 0) -> dict[str, float]:
-    """Time to first token and decode speed of greedy generation with the KV cache, median of repeats.
-
-    The prompt is `batch_size` rows of `prompt_tokens` random token ids (fixed `seed`, so every model
-    sees the same input). One run = a prefill forward pass (time to first token) followed by
-    `new_tokens - 1` single-token decode steps; the decode time excludes the prefill. `warmup` runs are
-    discarded. Works on CPU and CUDA (clocks are read after a device synchronization).
-    """
-    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
-        raise ValueError("measure_speed needs new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1.")
-    device = model_device(model)
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
-    cache_name = cache_argument_name(model)
-    ttft, decode = [], []
-    for run in range(warmup + repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        output = model(input_ids=prompt, use_cache=True)
-        next_token = output.logits[:, -1:].argmax(-1)
-        _synchronize(device)
-        first = time.perf_counter()
-        cache = output_cache(output)
-        for _ in range(new_tokens - 1):
-            output = model(input_ids=next_token, use_cache=True, **{cache_name: cache})
-            cache = output_cache(output)
-            next_token = output.logits[:, -1:].argmax(-1)
-        _synchronize(device)
-        done = time.perf_counter()
-        if run >= warmup:
-            ttft.append(first - start)
-            decode.append(done - first)
-    ttft_s = statistics.median(ttft)
-    decode_s = statistics.median(decode)
-    return {
-        "ttft_ms": 1000 * ttft_s,
-        "prefill_tokens_per_s": batch_size * prompt_tokens / ttft_s,
-        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s,
-        "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-    }
-
-
 # ---------------------------------------------------------------------------------------------------
 # lm-eval tasks over the offline corpora
 # ---------------------------------------------------------------------------------------------------
 
-TASKS = ("rearch_analogy", "rearch_sms_spam")
+LM_EVAL_TASKS = ("rearch_analogy", "rearch_sms_spam")
 
 
 def _analogy_docs(n_items: int, seed: int) -> list[dict]:
@@ -280,7 +228,7 @@ def write_lm_eval_tasks(folder: str | Path | None = None, analogy_items: int = 2
     return folder
 
 
-def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = TASKS, limit: int | None = None,
+def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TASKS, limit: int | None = None,
                 batch_size: int = 16, task_folder: str | Path | None = None):
     """Run lm-eval tasks on a model held in memory and return a table (pandas DataFrame).
 
@@ -292,9 +240,9 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = TASKS, lim
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    unknown = [task for task in tasks if task not in TASKS]
+    unknown = [task for task in tasks if task not in LM_EVAL_TASKS]
     if unknown:
-        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(TASKS)}")
+        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
     folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
     results = simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, log_samples=False,

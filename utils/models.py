@@ -327,6 +327,55 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "(the Llama/Qwen/Gemma/Mistral layout).")
 
 
+def layer_count(model_or_n_layers: nn.Module | int) -> int:
+    """The number of decoder blocks of a model, or a given number of blocks checked to be an integer >= 1.
+
+    Selection rules accept either a model or its number of blocks; this is where both become a number.
+    Raises a ValueError for anything that is neither (a bool or float included) and for a number below 1.
+    """
+    if isinstance(model_or_n_layers, nn.Module):
+        return len(decoder_layers(model_or_n_layers))
+    if isinstance(model_or_n_layers, bool) or not isinstance(model_or_n_layers, int):
+        raise ValueError(f"Expected a model or a number of layers (int), got {type(model_or_n_layers).__name__}.")
+    if model_or_n_layers < 1:
+        raise ValueError(f"The number of layers must be at least 1, got {model_or_n_layers}.")
+    return model_or_n_layers
+
+
+def glu_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """The (gate_proj, up_proj, down_proj) of a decoder block's GLU MLP, or a clear error.
+
+    Neuron i of the MLP is row i of gate_proj and up_proj and column i of down_proj. Families with a fused
+    gate_up projection or a classic two-matrix MLP (fc1/fc2) have no such triple and are refused.
+    """
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None:
+        raise ValueError(f"{type(layer).__name__} has no 'mlp' module: GLU width pruning needs one.")
+    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Linear) for p in projections):
+        found = sorted(name for name, child in mlp.named_children() if isinstance(child, nn.Linear))
+        kind = "a fused gate_up projection" if any("gate_up" in name for name in found) else "no GLU"
+        raise ValueError(f"{type(mlp).__name__} has {kind} (linear layers: {found}); GLU width pruning needs "
+                         "separate gate_proj, up_proj and down_proj (Llama, Qwen, Mistral, Gemma).")
+    return projections[0], projections[1], projections[2]
+
+
+def stack_configs(model: nn.Module, n_layers: int) -> list[PretrainedConfig]:
+    """The distinct config objects that describe a model's decoder stack of `n_layers` blocks.
+
+    Usually one shared object; a multimodal model adds its text config. Whatever changes the stack (block
+    removal, a narrower MLP) updates every one of them so that saving and reloading agree.
+    """
+    candidates = [getattr(model, "config", None), getattr(getattr(model, "model", None), "config", None)]
+    if candidates[0] is not None and hasattr(candidates[0], "get_text_config"):
+        candidates.append(candidates[0].get_text_config())
+    configs: dict[int, PretrainedConfig] = {}
+    for config in candidates:
+        if isinstance(config, PretrainedConfig) and config.__dict__.get("num_hidden_layers") == n_layers:
+            configs.setdefault(id(config), config)
+    return list(configs.values())
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter: where its inputs must go."""
     return next(model.parameters()).device
@@ -346,17 +395,6 @@ def check_layer_indices(model: nn.Module, indices: list[int]) -> list[int]:
     if len(set(indices)) != len(indices):
         raise ValueError(f"Duplicate layer indices in {indices}.")
     return sorted(indices)
-
-
-def set_seed(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so a chapter gives the same numbers on every run."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def library_versions() -> dict[str, str]:

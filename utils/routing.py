@@ -30,28 +30,30 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import statistics
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import Batch, evaluating, ids_and_masks
 from .bypass import attention_skipped, bypassed_layers
-from .bypass_modeling import attention_only_modules, attention_types, bypassed_block_class
+from .bypass_modeling import (
+    attention_only_modules,
+    attention_types,
+    bypassed_block_class,
+)
 from .data import atomic_write_text
+from .depth import layers_removed
 from .evaluation import batch_nll
 from .hooks import capture_activations
-from .importance import _evaluating, _prepared_batches, calibration_loss
-from .models import cache_argument_name, decoder_layers, model_device, output_cache
-from .pruning import layers_removed
+from .importance import calibration_loss
+from .models import decoder_layers, model_device
 
-Batch = dict[str, torch.Tensor]
 ROUTER_FILE = "adaptive_router.json"
 ROUTER_FORMAT = 1
 
@@ -366,15 +368,15 @@ def pooled_hidden_states(model: nn.Module, batches: Sequence[Batch], router_laye
     Tensor[rows, hidden] (float32, CPU). What the router reads, computed the same way.
 
     Only blocks 0..router_layer run: the later blocks are removed for the duration
-    (`utils.pruning.layers_removed`) and the LM head is not called, so this costs a fraction of a pass.
+    (`utils.depth.layers_removed`) and the LM head is not called, so this costs a fraction of a pass.
     """
     n_layers = len(decoder_layers(model))
     if isinstance(router_layer, bool) or not isinstance(router_layer, int) or not 0 <= router_layer < n_layers:
         raise ValueError(f"`router_layer` must be a block index in 0..{n_layers - 1}, got {router_layer!r}.")
-    prepared = _prepared_batches(batches, model_device(model))
+    prepared = ids_and_masks(batches, model_device(model))
     later = list(range(router_layer + 1, n_layers))
     pooled = []
-    with _evaluating(model), (layers_removed(model, later) if later else nullcontext()), \
+    with evaluating(model), (layers_removed(model, later) if later else nullcontext()), \
             capture_activations(model, layers=[router_layer], points=("block_out",), to_cpu=False) as captured:
         for ids, mask in tqdm(prepared, desc="router features", disable=not progress, leave=False):
             model.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -447,7 +449,7 @@ def per_input_nll(model: nn.Module, inputs: Sequence[torch.Tensor], progress: bo
     and "profile" (the router's choice; None without a router).
     """
     results = []
-    with _evaluating(model):
+    with evaluating(model):
         for number, ids in enumerate(tqdm(inputs, desc="scoring inputs", disable=not progress, leave=False)):
             ids = torch.as_tensor(ids)
             if ids.dim() != 1 or len(ids) < 2:
@@ -474,42 +476,3 @@ def perplexity_by_kind(scored: Mapping[str, Sequence[dict]]) -> dict[str, float]
     summary["mix"] = math.exp(sum(r["nll"] for r in every) / sum(r["tokens"] for r in every))
     summary["mean skipped"] = sum(r["skipped"] for r in every) / len(every)
     return summary
-
-
-@torch.no_grad()
-def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache, as a plain loop (prefill, then one token per step); returns the
-    new token ids [rows, new_tokens]. The loop `interleaved_timings` times; same work as measure_speed."""
-    if new_tokens < 1:
-        raise ValueError(f"`new_tokens` must be >= 1, got {new_tokens}.")
-    ids = torch.as_tensor(input_ids).to(model_device(model))
-    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    cache_name = cache_argument_name(model)
-    output = model(input_ids=ids, use_cache=True)
-    generated = [output.logits[:, -1:].argmax(-1)]
-    for _ in range(new_tokens - 1):
-        output = model(input_ids=generated[-1], use_cache=True, **{cache_name: output_cache(output)})
-        generated.append(output.logits[:, -1:].argmax(-1))
-    return torch.cat(generated, dim=1)
-
-
-def interleaved_timings(runs: Mapping[str, Callable[[], object]], repeats: int = 5,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median wall-clock seconds of each callable, timed in interleaved rounds (a, b, c, a, b, c, ...).
-
-    Interleaving spreads slow phases of a shared machine over every contender instead of penalizing one.
-    `warmup` rounds are discarded. CUDA work is synchronized before each clock read.
-    """
-    if not runs or repeats < 1 or warmup < 0:
-        raise ValueError("interleaved_timings needs at least one run, repeats >= 1 and warmup >= 0.")
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for round_number in range(warmup + repeats):
-        for name, run in runs.items():
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            if round_number >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}

@@ -20,9 +20,9 @@ LM head, the largest single matrix of a small model. Position ids count real tok
 
 LoRA itself comes from peft (Hu et al., 2021; DoRA: Liu et al., 2024). `lora_config` only turns a named
 group of modules ("attention", "mlp", "all-linear") into peft's `target_modules` after checking that
-they exist in the model; `finetune` trains whatever parameters require gradients, with AdamW, warm-up
-then cosine decay, a tqdm progress bar and periodic validation, and returns the same history record as
-`utils.distill.distill`. Trained on answers alone, an adapter also changes how the model reads any
+they exist in the model; `finetune` trains whatever parameters require gradients with the course's one
+training loop, `utils.training.train` (the loop `utils.distill.distill` uses too), and returns its
+`TrainingHistory`. Trained on answers alone, an adapter also changes how the model reads any
 text; `finetune(..., anchor_weight=...)` adds a KL anchor to the same model with its adapter disabled
 (see `answer_loss`), which keeps general perplexity in place.
 """
@@ -33,25 +33,23 @@ import copy
 import json
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
+from .batches import Batch, check_batches, pad_rows, pad_token_id
 from .data import load_labeled
-from .distill import (DistillHistory, _batch_stream, _check_batches, _check_training_arguments, kd_loss,
-                      next_token_loss)
+from .distill import kd_loss, next_token_loss
+from .evaluation import perplexity, run_lm_eval
 from .models import cache_argument_name, decoder_layers, model_device, output_cache
+from .training import EvalFn, TrainingHistory, train
 
-Batch = Mapping[str, torch.Tensor]
-
-TASKS = ("classify", "extract")
+SMS_TASKS = ("classify", "extract")
 ANSWERS = ("ham", "spam")
 EXTRACT_KEYS = ("label", "has_number", "has_url", "first_word")
 SYSTEM_PROMPT = "You read SMS messages."
@@ -107,8 +105,8 @@ def make_examples(messages: Sequence[tuple[str, str]], task: str, max_chars: int
     computed from the shortened text, the text the model sees. Raises a ValueError for an unknown task,
     no messages, or a label outside `ANSWERS`.
     """
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; the tasks are {TASKS}.")
+    if task not in SMS_TASKS:
+        raise ValueError(f"Unknown task {task!r}; the tasks are {SMS_TASKS}.")
     messages = list(messages)
     if not messages:
         raise ValueError("No messages: the split is empty, so there is nothing to build examples from.")
@@ -183,25 +181,6 @@ def answer_token_ids(tokenizer, answer: str, end_of_turn: bool = True) -> list[i
     return ids + ([tokenizer.eos_token_id] if end_of_turn else [])
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with.")
-    return pad
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists to the longest: (input_ids, attention_mask), padding marked 0 in the mask."""
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            input_ids[i, length - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            attention_mask[i, length - len(row):] = 1
-    return input_ids, attention_mask
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count real tokens only (0 for the first real token of each row), as `generate` uses."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -221,14 +200,14 @@ def training_batches(tokenizer, examples: Sequence[Example], batch_size: int = 8
         raise ValueError("No training examples: the training split is empty (see sms_examples).")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     rows = [(prompt_token_ids(tokenizer, e.prompt), answer_token_ids(tokenizer, e.answer)) for e in examples]
     if group_by_length:
         rows.sort(key=lambda row: len(row[0]) + len(row[1]))
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        input_ids, attention_mask = left_pad([prompt + answer for prompt, answer in chunk], pad_id)
+        input_ids, attention_mask = pad_rows([prompt + answer for prompt, answer in chunk], pad_id, side="left")
         labels = torch.full_like(input_ids, -100)
         for i, (_, answer) in enumerate(chunk):
             labels[i, -len(answer):] = torch.tensor(answer)
@@ -333,89 +312,35 @@ def adapter_size_bytes(peft_model: nn.Module, folder: str | Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-EvalFn = Callable[[nn.Module], "float | Mapping[str, float]"]
-
-
 def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr: float = 5e-4,
              grad_accum: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
              max_grad_norm: float | None = 1.0, eval_fn: EvalFn | None = None, eval_every: int | None = None,
-             anchor_weight: float = 0.0, anchor_tokens: int = 32, shuffle: bool = True, seed: int = 0, progress: bool = True,
-             desc: str = "finetune") -> DistillHistory:
+             anchor_weight: float = 0.0, anchor_tokens: int = 32, shuffle: bool = True, seed: int = 0,
+             mixed_precision: str = "auto", progress: bool = True, desc: str = "finetune") -> TrainingHistory:
     """Train the parameters of `model` that require gradients on the answer loss; return the history.
 
-    Meant for a peft model (only the adapter trains), it works on any model. Each of the `steps`
-    optimizer steps accumulates `grad_accum` batches of `train_batches` (from `training_batches`),
-    cycled as needed and re-ordered on every pass with `shuffle`. AdamW with linear warm-up then cosine
-    decay to 0, gradients clipped to `max_grad_norm`. The loss is `answer_loss`, with its KL anchor to the
-    model without adapter over `anchor_tokens` prompt positions when `anchor_weight` > 0. `eval_fn(model)` (a float or a dict of floats, for
-    example a validation accuracy) runs before training, every `eval_every` steps and at the end, in eval
-    mode without gradients. Train rows of the history hold step, loss, lr, grad_norm, answer tokens seen,
-    train_s (seconds spent in training steps, evaluations excluded) and elapsed_s. The model is left in
-    eval mode.
+    Meant for a peft model (only the adapter trains), it works on any model. The training loop is
+    `utils.training.train`: each of the `steps` optimizer steps accumulates `grad_accum` batches of
+    `train_batches` (from `training_batches`), cycled as needed and re-ordered on every pass with
+    `shuffle`; AdamW with linear warm-up then cosine decay to 0, gradients clipped to `max_grad_norm`,
+    float32 master weights with autocast on a float16 or bfloat16 model (`mixed_precision`). The loss is
+    `answer_loss`, with its KL anchor to the model without adapter over `anchor_tokens` prompt positions
+    when `anchor_weight` > 0. `eval_fn(model)` (a float or a dict of floats, for example a validation
+    accuracy) runs before training, every `eval_every` steps and at the end, in eval mode without
+    gradients. Train rows of the history hold step, loss, lr, grad_norm, answer tokens seen, train_s
+    (seconds spent in training steps, evaluations excluded) and elapsed_s. The model is left in eval mode.
     """
-    _check_training_arguments(steps, lr, grad_accum, warmup_steps, 1.0, eval_every, max_grad_norm, weight_decay)
-    train_batches = _check_batches(train_batches, "train_batches")
+    train_batches = check_batches(train_batches, "train_batches", min_real_tokens=2)
     if any("labels" not in batch for batch in train_batches):
         raise ValueError("Every training batch needs 'labels' (-100 except on answer tokens); see training_batches.")
-    if eval_fn is not None and not callable(eval_fn):
-        raise ValueError(f"eval_fn must be a function eval_fn(model) -> float, got {type(eval_fn).__name__}.")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
-        raise ValueError("The model has no trainable parameters (wrap it with peft.get_peft_model first).")
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    history = DistillHistory()
-    start = time.perf_counter()
-    train_s = 0.0
-    postfix: dict[str, str] = {}
 
-    def evaluate(step: int) -> None:
-        model.eval()
-        with torch.no_grad():
-            value = eval_fn(model)
-        row = {"step": step, **({k: float(v) for k, v in value.items()} if isinstance(value, Mapping)
-                                else {"eval": float(value)})}
-        row["elapsed_s"] = time.perf_counter() - start
-        history.eval.append(row)
-        postfix.update({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s")})
-        model.train()
+    def loss_fn(trained: nn.Module, batch: Batch) -> torch.Tensor:
+        return answer_loss(trained, batch, anchor_weight, anchor_tokens)
 
-    stream = _batch_stream(train_batches, shuffle, seed)
-    tokens = 0
-    try:
-        if eval_fn is not None:
-            evaluate(0)
-        model.train()
-        bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
-        for step in bar:
-            step_start = time.perf_counter()
-            lr_now = optimizer.param_groups[0]["lr"]
-            loss_sum = 0.0
-            for _ in range(grad_accum):
-                batch = next(stream)
-                loss = answer_loss(model, batch, anchor_weight, anchor_tokens)
-                (loss / grad_accum).backward()
-                loss_sum += loss.item() / grad_accum
-                tokens += int((batch["labels"] != -100).sum())
-            if not torch.isfinite(torch.tensor(loss_sum)):
-                raise FloatingPointError(f"The loss became {loss_sum} at step {step}; lower lr (now {lr_now:.3g}).")
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_s += time.perf_counter() - step_start
-            history.train.append({"step": step, "loss": loss_sum, "lr": lr_now, "grad_norm": float(grad_norm),
-                                  "tokens": tokens, "train_s": train_s, "elapsed_s": time.perf_counter() - start})
-            postfix["loss"] = f"{loss_sum:.4g}"
-            if eval_fn is not None and (step == steps or (eval_every is not None and step % eval_every == 0)):
-                evaluate(step)
-            bar.set_postfix(postfix, refresh=False)
-        bar.close()
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        model.eval()
-    return history
+    return train(model, train_batches, loss_fn, steps=steps, lr=lr, grad_accum=grad_accum, warmup_steps=warmup_steps,
+                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, eval_fn=eval_fn, eval_every=eval_every,
+                 shuffle=shuffle, seed=seed, count_tokens=lambda batch: int((batch["labels"] != -100).sum()),
+                 mixed_precision=mixed_precision, progress=progress, desc=desc, batches_name="train_batches")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,16 +375,16 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache_name = cache_argument_name(base)
     answer_ids = [answer_token_ids(tokenizer, answer, end_of_turn=False) for answer in answers]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
     scores = torch.empty(len(prompts), len(answers))
     for batch in tqdm(_batches_by_length(prompt_rows, batch_size), desc="scoring answers", disable=not progress,
                       leave=False):
         rows = [prompt_rows[i] for i in batch]
-        input_ids, attention_mask = left_pad(rows, pad_id)
+        input_ids, attention_mask = pad_rows(rows, pad_id, side="left")
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        positions = position_ids_from_mask(attention_mask)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+        position_ids = position_ids_from_mask(attention_mask)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                        logits_to_keep=1)
         first = F.log_softmax(output.logits[:, -1].float(), dim=-1)
         batch_scores = torch.empty(len(rows), len(answers))
@@ -469,7 +394,7 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
                 rest = torch.tensor(ids, device=device).expand(len(rows), -1)
                 mask = torch.cat([attention_mask, torch.ones_like(rest[:, 1:])], dim=1)
                 continued = model(input_ids=rest[:, :-1], attention_mask=mask,
-                                  position_ids=positions[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
+                                  position_ids=position_ids[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
                                   use_cache=True, **{cache_name: copy.deepcopy(output_cache(output))})
                 logprobs = F.log_softmax(continued.logits.float(), dim=-1)
                 score = score + logprobs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
@@ -507,11 +432,11 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[Example | st
     """
     prompts = _prompts_of(prompts)
     device = model_device(model)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
     outputs = [""] * len(prompts)
     for batch in tqdm(_batches_by_length(prompt_rows, batch_size), desc="generating", disable=not progress, leave=False):
-        input_ids, attention_mask = left_pad([prompt_rows[i] for i in batch], pad_id)
+        input_ids, attention_mask = pad_rows([prompt_rows[i] for i in batch], pad_id, side="left")
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id)
@@ -562,8 +487,6 @@ def specialist_report(model: nn.Module, tokenizer, classify_examples: Sequence[E
     {"classify": one answer word per classification example, "extract": one generated text per
     extraction example}, so a chapter can compare two models answer by answer without scoring again.
     """
-    from .evaluation import perplexity, run_lm_eval
-
     predictions = classify(model, tokenizer, classify_examples)
     outputs = generate_answers(model, tokenizer, extract_examples, max_new_tokens=max_new_tokens)
     row = {**classification_scores(predictions, classify_examples),

@@ -10,9 +10,7 @@ The selection rules return lists of block indices of the unpruned model: `select
 `select_window`, and `select_by_importance` for any per-block score where a low score means "less
 important, remove first" (see `utils.importance` for scores).
 
-Width pruning: `prune_glu_width` removes the lowest-scoring GLU neurons of every block (rows of gate_proj
-and up_proj, columns of down_proj) to a target from `target_intermediate_size`, optionally re-fitting
-down_proj by least squares (`refit_down_proj`); neuron scores come from `utils.importance`.
+Width pruning (narrower GLU MLPs) lives in `utils.width`.
 """
 
 from __future__ import annotations
@@ -23,9 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
-from .models import check_layer_indices, decoder_layers
+from .models import check_layer_indices, decoder_layers, layer_count, stack_configs
 
 # Per-module attributes that hold a block's position in the stack; renumbered after a removal.
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_index", "layer_id")
@@ -49,18 +46,6 @@ def _removal_indices(model: nn.Module, indices: Sequence[int]) -> list[int]:
     if len(drop) >= n_layers:
         raise ValueError(f"Cannot remove all {n_layers} decoder blocks: at least one must remain.")
     return drop
-
-
-def _model_configs(model: nn.Module, n_layers: int) -> list[PretrainedConfig]:
-    """The distinct config objects that describe the decoder stack (usually one shared object)."""
-    candidates = [getattr(model, "config", None), getattr(getattr(model, "model", None), "config", None)]
-    if candidates[0] is not None and hasattr(candidates[0], "get_text_config"):
-        candidates.append(candidates[0].get_text_config())
-    configs: dict[int, PretrainedConfig] = {}
-    for config in candidates:
-        if isinstance(config, PretrainedConfig) and config.__dict__.get("num_hidden_layers") == n_layers:
-            configs.setdefault(id(config), config)
-    return list(configs.values())
 
 
 def _apply_removal(model: nn.Module, drop: list[int]) -> Callable[[], None]:
@@ -91,7 +76,7 @@ def _apply_removal(model: nn.Module, drop: list[int]) -> Callable[[], None]:
             step()
 
     try:
-        for config in _model_configs(model, n_old):
+        for config in stack_configs(model, n_old):
             values = config.__dict__
             remember(config, "num_hidden_layers", dict_level=True)
             config.__dict__["num_hidden_layers"] = len(kept)
@@ -178,17 +163,6 @@ def layers_removed(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Modu
 # Choosing the blocks to remove
 # ---------------------------------------------------------------------------------------------------
 
-def _n_layers(model_or_n_layers: nn.Module | int) -> int:
-    """Number of decoder blocks of a model, or the number itself, validated to be at least 1."""
-    if isinstance(model_or_n_layers, nn.Module):
-        return len(decoder_layers(model_or_n_layers))
-    if isinstance(model_or_n_layers, bool) or not isinstance(model_or_n_layers, int):
-        raise ValueError(f"Expected a model or a number of layers, got {type(model_or_n_layers).__name__}.")
-    if model_or_n_layers < 1:
-        raise ValueError(f"The number of layers must be at least 1, got {model_or_n_layers}.")
-    return model_or_n_layers
-
-
 def _check_count(n: int, n_layers: int) -> None:
     """`n` blocks can be removed from `n_layers`: at least one, and at least one must remain."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -218,14 +192,14 @@ def removable_layers(n_layers: int, n: int, protect_first: int = 0, protect_last
 
 def select_last(model_or_n_layers: nn.Module | int, n: int) -> list[int]:
     """Indices of the last `n` decoder blocks (the classic "drop the top layers" baseline)."""
-    n_layers = _n_layers(model_or_n_layers)
+    n_layers = layer_count(model_or_n_layers)
     _check_count(n, n_layers)
     return list(range(n_layers - n, n_layers))
 
 
 def select_first(model_or_n_layers: nn.Module | int, n: int) -> list[int]:
     """Indices of the first `n` decoder blocks (a baseline that is usually a bad idea, which is the point)."""
-    n_layers = _n_layers(model_or_n_layers)
+    n_layers = layer_count(model_or_n_layers)
     _check_count(n, n_layers)
     return list(range(n))
 
@@ -237,7 +211,7 @@ def select_window(model_or_n_layers: nn.Module | int, start: int, n: int) -> lis
     valid start. Pair it with `utils.importance.angular_distance`: the window to remove starts at the
     argmin of the distances.
     """
-    n_layers = _n_layers(model_or_n_layers)
+    n_layers = layer_count(model_or_n_layers)
     _check_count(n, n_layers)
     start = int(start)
     if not 0 <= start <= n_layers - n:
@@ -297,149 +271,3 @@ def select_by_importance(scores: torch.Tensor | Sequence[float], n: int, protect
         raise ValueError(f"Cannot remove {n} non-adjacent blocks: the {len(candidates)} removable blocks "
                          f"(indices {candidates[0]}..{candidates[-1]}) allow at most {most}.")
     return sorted(_lowest_non_adjacent(values, candidates, n))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Width pruning: removing neurons from every GLU MLP
-# ---------------------------------------------------------------------------------------------------
-
-def target_intermediate_size(current: int, hidden_size: int, percent: float | None = None,
-                             intermediate_size: int | None = None, expansion_ratio: float | None = None,
-                             multiple: int = 1) -> int:
-    """The GLU width to prune to, from exactly one of three ways of saying it, rounded to `multiple`.
-
-    `percent` of the `current` neurons removed (0 < percent < 100), a target `intermediate_size`
-    (1..current), or an `expansion_ratio` = intermediate / hidden. The result is rounded to the nearest
-    multiple of `multiple` (fast matrix kernels like widths that are multiples of 64 or 128), never below
-    `multiple` and never above `current`. Raises a ValueError for anything outside these ranges.
-    """
-    given = [name for name, value in (("percent", percent), ("intermediate_size", intermediate_size),
-                                      ("expansion_ratio", expansion_ratio)) if value is not None]
-    if len(given) != 1:
-        raise ValueError(f"Give exactly one of percent, intermediate_size or expansion_ratio (got {given or 'none'}).")
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"`multiple` must be an integer >= 1, got {multiple!r}.")
-    if percent is not None:
-        if not 0 < percent < 100:
-            raise ValueError(f"`percent` of neurons to remove must be in (0, 100), got {percent}.")
-        target = current * (1 - percent / 100)
-    elif intermediate_size is not None:
-        if not 1 <= intermediate_size <= current:
-            raise ValueError(f"`intermediate_size` must be in 1..{current} (the current width), got {intermediate_size}.")
-        target = intermediate_size
-    else:
-        if not 0 < expansion_ratio * hidden_size <= current:
-            raise ValueError(f"`expansion_ratio` must be in (0, {current / hidden_size:.4g}] (current intermediate "
-                             f"{current} / hidden {hidden_size}), got {expansion_ratio}.")
-        target = expansion_ratio * hidden_size
-    rounded = int(round(target / multiple)) * multiple
-    return min(current, max(multiple, rounded))
-
-
-def neurons_to_keep(scores: torch.Tensor, keep: int) -> list[torch.Tensor]:
-    """Per layer, the indices (sorted) of the `keep` highest-scoring neurons of Tensor[n_layers, width]."""
-    if scores.dim() != 2:
-        raise ValueError(f"`scores` must be Tensor[n_layers, intermediate_size], got shape {tuple(scores.shape)}.")
-    if not 1 <= keep <= scores.shape[1]:
-        raise ValueError(f"Cannot keep {keep} neurons of {scores.shape[1]}: keep must be in 1..{scores.shape[1]}.")
-    return [torch.sort(torch.topk(row.float(), keep).indices).values for row in scores]
-
-
-def _glu(layer: nn.Module):
-    from .importance import glu_projections  # importance imports this module: import here, not at the top
-    return glu_projections(layer)
-
-
-def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear holding only the rows (dim 0) or columns (dim 1) `index` of `linear`, bias included."""
-    weight = linear.weight.data.index_select(dim, index.to(linear.weight.device))
-    out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
-    if linear.bias is not None:
-        bias = linear.bias.data if dim == 1 else linear.bias.data.index_select(0, index.to(linear.bias.device))
-        new.bias.data.copy_(bias)
-    return new
-
-
-def prune_glu_width(model: nn.Module, scores: torch.Tensor, percent: float | None = None,
-                    intermediate_size: int | None = None, expansion_ratio: float | None = None,
-                    multiple: int = 1, gram: torch.Tensor | None = None, ridge: float = 1e-3,
-                    inplace: bool = False) -> nn.Module:
-    """Remove the lowest-scoring GLU neurons of every decoder block and return the narrower model.
-
-    `scores` is Tensor[n_layers, intermediate_size] (high = keep), e.g. from
-    `utils.importance.static_neuron_importance` or `activation_neuron_importance`. The target width comes
-    from exactly one of `percent` (removed), `intermediate_size` or `expansion_ratio`, rounded to `multiple`
-    (see `target_intermediate_size`). In every block the same number of neurons is kept, so the config's
-    single `intermediate_size` describes every layer; rows of gate_proj and up_proj and columns of
-    down_proj are sliced consistently (biases too). The result is a standard transformers model that saves
-    and loads with plain `from_pretrained`. With `gram` (from `utils.importance.activation_statistics(...,
-    gram=True)` on calibration text) each down_proj is then re-fitted to compensate for the removed neurons
-    (`refit_down_proj`). A copy is returned unless `inplace`. Refuses a model without
-    separate gate/up/down projections, and scores of the wrong shape (scores for only some layers cannot
-    be honoured: the family's config has one width for all layers).
-    """
-    blocks = decoder_layers(model)
-    current = _glu(blocks[0])[2].in_features
-    configs = _model_configs(model, len(blocks))
-    if not configs or any(getattr(c, "intermediate_size", None) != current for c in configs):
-        raise ValueError("The model's config has no single `intermediate_size` matching its MLPs; this family's "
-                         "config cannot express the pruned width.")
-    widths = {_glu(block)[2].in_features for block in blocks}
-    if widths != {current}:
-        raise ValueError(f"The MLPs have different widths {sorted(widths)}; prune a model with one width per layer.")
-    scores = torch.as_tensor(scores)
-    if tuple(scores.shape) != (len(blocks), current):
-        raise ValueError(f"`scores` must have shape ({len(blocks)}, {current}) = (every layer, every neuron); got "
-                         f"{tuple(scores.shape)}. The config has a single intermediate_size, so every layer is "
-                         "pruned to the same width: per-layer widths are not supported.")
-    hidden_size = configs[0].hidden_size
-    keep = target_intermediate_size(current, hidden_size, percent, intermediate_size, expansion_ratio, multiple)
-    kept = neurons_to_keep(scores, keep)
-    original_down = [_glu(block)[2].weight.detach() for block in blocks] if gram is not None else None
-    if not inplace:
-        model = copy.deepcopy(model)
-        blocks = decoder_layers(model)
-    with torch.no_grad():
-        for block, index in zip(blocks, kept):
-            gate, up, down = _glu(block)
-            block.mlp.gate_proj = _sliced_linear(gate, index, 0)
-            block.mlp.up_proj = _sliced_linear(up, index, 0)
-            block.mlp.down_proj = _sliced_linear(down, index, 1)
-            if hasattr(block.mlp, "intermediate_size"):
-                block.mlp.intermediate_size = keep
-    for config in _model_configs(model, len(blocks)):
-        config.intermediate_size = keep
-    if gram is not None:
-        refit_down_proj(model, gram, kept, original_down, ridge=ridge)
-    return model
-
-
-def refit_down_proj(model: nn.Module, gram: torch.Tensor, kept: Sequence[torch.Tensor],
-                    original_down: Sequence[torch.Tensor], ridge: float = 1e-3) -> None:
-    """Re-fit each pruned block's down_proj so it reproduces the unpruned MLP output, by least squares.
-
-    With A the calibration activations of all neurons of a block (its `gram` = A^T A / tokens, from
-    `utils.importance.activation_statistics(..., gram=True)` on the unpruned model), K the kept neurons and
-    W the original down_proj, the new down_proj solves min ||A W^T - A_K W_K'^T||^2 + ridge * mean(diag) *
-    ||W_K'||^2: W_K'^T = (G_KK + lambda I)^-1 G_K: W^T. The removed neurons' average contribution is thereby
-    spread over the kept ones that correlate with it. `kept` and `original_down` are per layer (as from
-    `neurons_to_keep` and the unpruned down_proj weights); the model is changed in place.
-    """
-    blocks = decoder_layers(model)
-    if not (len(blocks) == len(kept) == len(original_down) == gram.shape[0]):
-        raise ValueError(f"One gram matrix, kept-index list and down_proj per block is needed ({len(blocks)} blocks; "
-                         f"got {gram.shape[0]}, {len(kept)}, {len(original_down)}).")
-    if ridge < 0:
-        raise ValueError(f"`ridge` must be >= 0, got {ridge}.")
-    with torch.no_grad():
-        for block, g, index, weight in zip(blocks, gram, kept, original_down):
-            g = g.double()
-            index = index.cpu()
-            g_kk = g[index][:, index]
-            lam = ridge * float(g_kk.diagonal().mean())
-            rhs = g[index] @ weight.double().cpu().T  # (kept, hidden)
-            solution = torch.linalg.solve(g_kk + lam * torch.eye(len(index), dtype=torch.float64), rhs)
-            down = _glu(block)[2]
-            down.weight.data.copy_(solution.T.to(down.weight.dtype))

@@ -1,0 +1,283 @@
+"""Timing and cost: how fast a model runs, and how fast the hardware says it could run.
+
+One timing helper for the whole course (`interleaved_samples`, summarized by `timing_summary`): the
+variants to compare run in interleaved rounds (a, b, c, a, b, c, ...) after warm-up rounds, the device
+is synchronized before every clock read, and the result keeps every sample so a median can be shown with
+its spread. `measure_speed` (time to first token and decode speed) and the chapters' own comparisons use
+it, and so do the benchmark scripts.
+
+One cost model: `decode_bytes` (what a decode step must read: decoder-block weights, LM head and the KV
+cache of the context) and `prefill_flops` (what a prefill must compute), read from the model itself, so
+a pruned, narrowed or bypassed model is costed as it is. `CARD_PEAKS` lists the memory bandwidth and
+dense bf16/fp16 throughput of common cards; `card_peaks` finds the current card's (or takes yours), so
+every measured number can stand beside its hardware limit.
+
+Eager single-token decoding with transformers is launch-bound on a GPU: the card waits for Python and
+kernel launches, not for memory, so its tokens/s sit far below `decode_bytes` / bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .models import (
+    architecture_summary,
+    cache_argument_name,
+    decoder_layers,
+    model_device,
+    output_cache,
+)
+
+# Peak memory bandwidth (bytes/s) and dense 16-bit tensor throughput (FLOP/s) from the vendors' data
+# sheets. Match is by substring of torch.cuda.get_device_name(); the first match wins.
+CARD_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"memory_bytes_per_s": 4.8e12, "bf16_flops_per_s": 989e12},
+    "H100 PCIe": {"memory_bytes_per_s": 2.0e12, "bf16_flops_per_s": 756e12},
+    "H100": {"memory_bytes_per_s": 3.35e12, "bf16_flops_per_s": 989e12},
+    "A100-SXM4-80GB": {"memory_bytes_per_s": 2.039e12, "bf16_flops_per_s": 312e12},
+    "A100": {"memory_bytes_per_s": 1.555e12, "bf16_flops_per_s": 312e12},
+    "L4": {"memory_bytes_per_s": 300e9, "bf16_flops_per_s": 121e12},
+    "A10G": {"memory_bytes_per_s": 600e9, "bf16_flops_per_s": 125e12},
+    "V100": {"memory_bytes_per_s": 900e9, "bf16_flops_per_s": 125e12},
+    "T4": {"memory_bytes_per_s": 320e9, "bf16_flops_per_s": 65e12},
+    "RTX 4090": {"memory_bytes_per_s": 1.008e12, "bf16_flops_per_s": 165e12},
+}
+
+
+def card_peaks(name: str | None = None, memory_bytes_per_s: float | None = None,
+               flops_per_s: float | None = None) -> dict[str, object]:
+    """The peak memory bandwidth and 16-bit throughput of a card: {"card", "memory_bytes_per_s",
+    "bf16_flops_per_s"}.
+
+    `name` defaults to the current CUDA device's name (None on a CPU, whose peaks are not tabled); a
+    given `memory_bytes_per_s` or `flops_per_s` overrides the table (your own card, or a CPU's measured
+    bandwidth). Unknown cards give None values rather than a guess.
+    """
+    if name is None and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+    found = next((peaks for key, peaks in CARD_PEAKS.items() if name and key.lower() in name.lower()), {})
+    return {"card": name or "cpu",
+            "memory_bytes_per_s": memory_bytes_per_s or found.get("memory_bytes_per_s"),
+            "bf16_flops_per_s": flops_per_s or found.get("bf16_flops_per_s")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the device's queued work, so a clock read after it measures work done (no-op on a CPU)."""
+    device = torch.device(device) if device is not None else None
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
+        torch.cuda.synchronize(device)
+
+
+def interleaved_samples(runs: Mapping[str, Callable[[], object]], repeats: int = 5,
+                        warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds of every call of each callable, timed in interleaved rounds (a, b, c, a, b, c, ...).
+
+    Interleaving spreads slow phases of a shared machine over every contender instead of penalizing one.
+    `warmup` rounds are run and discarded; `repeats` rounds are kept. CUDA work is synchronized before
+    each clock read. A run whose work includes set-up that must not count (filling a cache, say) times
+    itself and returns its seconds as a float; that float is then recorded instead of the call's time.
+    Returns {name: [seconds of each kept round]}.
+    """
+    if not runs or isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"interleaved timing needs at least one run and an integer repeats >= 1, got {len(runs)} "
+                         f"runs and repeats={repeats!r}.")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}.")
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_number in range(warmup + repeats):
+        for name, run in runs.items():
+            synchronize()
+            start = time.perf_counter()
+            result = run()
+            synchronize()
+            elapsed = time.perf_counter() - start
+            if round_number >= warmup:
+                times[name].append(result if isinstance(result, float) else elapsed)
+    return times
+
+
+def timing_summary(seconds: list[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of timing samples: {"median_s", "q1_s", "q3_s", "min_s", "max_s", "n"}."""
+    if not seconds:
+        raise ValueError("timing_summary needs at least one sample.")
+    ordered = sorted(seconds)
+    q1, q3 = (statistics.quantiles(ordered, n=4)[0::2] if len(ordered) > 1 else (ordered[0], ordered[0]))
+    return {"median_s": statistics.median(ordered), "q1_s": q1, "q3_s": q3, "min_s": ordered[0],
+            "max_s": ordered[-1], "n": len(ordered)}
+
+
+def interleaved_timings(runs: Mapping[str, Callable[[], object]], repeats: int = 5,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock seconds of each callable, timed by `interleaved_samples` (interleaved rounds,
+    warm-up discarded, device synchronized)."""
+    return {name: statistics.median(values) for name, values in interleaved_samples(runs, repeats, warmup).items()}
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
+                  on_first_token: Callable[[], None] | None = None) -> torch.Tensor:
+    """Greedy decoding with the KV cache as a plain loop (prefill, then one token per step); returns the
+    new token ids [rows, new_tokens].
+
+    The loop every speed measurement of the course times. `on_first_token()` is called right after the
+    prefill has produced the first token (after a device synchronization), so a caller can read a clock
+    there for the time to first token.
+    """
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"`new_tokens` must be an integer >= 1, got {new_tokens!r}.")
+    device = model_device(model)
+    ids = torch.as_tensor(input_ids).to(device)
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    cache_name = cache_argument_name(model)
+    output = model(input_ids=ids, use_cache=True)
+    generated = [output.logits[:, -1:].argmax(-1)]
+    if on_first_token is not None:
+        synchronize(device)
+        on_first_token()
+    for _ in range(new_tokens - 1):
+        output = model(input_ids=generated[-1], use_cache=True, **{cache_name: output_cache(output)})
+        generated.append(output.logits[:, -1:].argmax(-1))
+    return torch.cat(generated, dim=1)
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1,
+                  warmup: int = 1, repeats: int = 5, seed: int = 0) -> dict[str, float]:
+    """Time to first token and decode speed of greedy generation with the KV cache, median of repeats.
+
+    The prompt is `batch_size` rows of `prompt_tokens` random token ids (fixed `seed`, so every model
+    sees the same input). One run = `greedy_tokens`: a prefill forward pass (time to first token)
+    followed by `new_tokens - 1` single-token decode steps; the decode time excludes the prefill.
+    `warmup` runs are discarded. Works on CPU and CUDA (clocks are read after a device synchronization).
+    Also returns the decode step's bytes (`decode_bytes` at the prompt length) and the bandwidth the
+    median step achieved: compare it with `card_peaks()["memory_bytes_per_s"]`.
+    """
+    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise ValueError("measure_speed needs new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1.")
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), generator=generator).to(device)
+    clock: dict[str, float] = {}
+    ttft, decode = [], []
+
+    def run() -> None:
+        clock["start"] = time.perf_counter()
+        greedy_tokens(model, prompt, new_tokens, on_first_token=lambda: clock.__setitem__("first", time.perf_counter()))
+        synchronize(device)
+        done = time.perf_counter()
+        ttft.append(clock["first"] - clock["start"])
+        decode.append(done - clock["first"])
+
+    interleaved_samples({"run": run}, repeats=repeats, warmup=warmup)
+    ttft_s = statistics.median(ttft[warmup:])
+    decode_s = statistics.median(decode[warmup:])
+    step_bytes = decode_bytes(model, context=prompt_tokens + new_tokens // 2, batch_size=batch_size)
+    return {
+        "ttft_ms": 1000 * ttft_s,
+        "prefill_tokens_per_s": batch_size * prompt_tokens / ttft_s,
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s,
+        "decode_bytes_per_step": step_bytes,
+        "decode_bytes_per_s": step_bytes * (new_tokens - 1) / decode_s,
+        "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The KV cache, measured
+# ---------------------------------------------------------------------------------------------------
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the key and value tensors of a KV cache (a transformers Cache), counted from the
+    tensors themselves: empty slots and dummy layers count 0."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def filled_cache_layers(cache) -> int:
+    """Number of cache slots that hold key/value tensors with at least one token."""
+    return sum(1 for layer in getattr(cache, "layers", [])
+               if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0)
+
+
+@torch.no_grad()
+def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 64, batch_size: int = 1) -> float:
+    """KV-cache bytes per token, measured: one forward pass with the cache over `batch_size` rows of
+    `tokens` token ids, then the bytes of the cache's tensors divided by the number of tokens.
+
+    Keep `tokens` below any sliding window, or sliding layers will hold fewer tokens than were fed.
+    """
+    device = model_device(model)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, tokens), generator=torch.Generator().manual_seed(0))
+    output = model(input_ids=ids.to(device), use_cache=True)
+    return kv_cache_bytes(output_cache(output)) / (batch_size * tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cost model
+# ---------------------------------------------------------------------------------------------------
+
+def attention_layer_count(model: nn.Module) -> int:
+    """Decoder blocks that still compute attention (a bypassed block has no q_proj left)."""
+    return sum(1 for block in decoder_layers(model)
+               if any(isinstance(m, nn.Linear) and name.endswith("q_proj") for name, m in block.named_modules()))
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the weights a forward pass reads, in their current dtype: {"blocks", "lm_head", "total"}.
+
+    The embedding table is looked up row by row (a few rows a step), so it is not counted; the LM head
+    (tied or not) is one full matrix-vector product per token.
+    """
+    blocks = sum(p.numel() * p.element_size() for p in decoder_layers(model).parameters())
+    head = model.get_output_embeddings().weight
+    lm_head = head.numel() * head.element_size()
+    return {"blocks": blocks, "lm_head": lm_head, "total": blocks + lm_head}
+
+
+def decode_bytes(model: nn.Module, context: int, batch_size: int = 1) -> float:
+    """Bytes one decode step must read at least: every weight of the decoder blocks and the LM head once,
+    plus the KV cache of `context` tokens in each of `batch_size` rows.
+
+    The KV-cache bytes per token are computed from the config of the layers that still hold attention,
+    in the dtype of the model's weights. Divided by the card's memory bandwidth, this is the fastest a
+    step can be: the bytes ideal. Ratios of it between two models are the ideal speedup of decoding.
+    """
+    shape = architecture_summary(model.config)
+    element = next(model.parameters()).element_size()
+    kv_per_token = 2 * attention_layer_count(model) * shape["kv heads"] * shape["head dim"] * element
+    return float(weight_bytes(model)["total"] + kv_per_token * context * batch_size)
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters every token multiplies with: the decoder blocks' linear layers plus the LM head."""
+    blocks = sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))
+    return blocks + model.get_output_embeddings().weight.numel()
+
+
+def prefill_flops(model: nn.Module, tokens: int, batch_size: int = 1, all_logits: bool = True) -> float:
+    """FLOPs of a causal prefill of `tokens` tokens in each of `batch_size` rows.
+
+    2 FLOPs per multiply-add: every linear weight of the blocks once per token, the causal attention
+    scores and weighted sum (QK^T and AV, half of the T x T square each) in every block that still has
+    attention, and the LM head for every token (`all_logits`) or only the last one. Divided by the card's
+    throughput, this is the fastest a prefill can be: the FLOP ideal.
+    """
+    shape = architecture_summary(model.config)
+    head = model.get_output_embeddings().weight.numel()
+    linear = matmul_parameters(model) - head
+    attention = 2 * 2 * tokens * tokens / 2 * shape["heads"] * shape["head dim"] * attention_layer_count(model)
+    lm_head = 2 * head * (tokens if all_logits else 1)
+    return float(batch_size * (2 * linear * tokens + attention + lm_head))

@@ -1,0 +1,263 @@
+"""Width pruning: narrower GLU MLPs, and the scores that decide which neurons go.
+
+A GLU MLP computes down_proj(act(gate_proj(x)) * up_proj(x)); neuron i is row i of gate_proj and
+up_proj and column i of down_proj (`utils.models.glu_projections`). Removing neurons slices all three
+together, in every decoder block to one width, so the config's single `intermediate_size` still
+describes the model and it saves and loads with plain `from_pretrained`.
+
+- Scores (high = keep), Tensor[n_layers, intermediate_size]: `static_neuron_importance` from the weights
+  alone (peak-to-peak magnitude, variance, product of norms, L2), and `activation_neuron_importance` from
+  one hooked pass over calibration batches (`activation_statistics`).
+- Pruning: `target_intermediate_size` turns a percent, a width or an expansion ratio into the width to
+  keep (rounded to a multiple that fast matrix kernels like); `prune_glu_width` keeps the best neurons;
+  `refit_down_proj` optionally re-fits down_proj by least squares to make up for the removed ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import Batch, evaluating, ids_and_masks
+from .hooks import capture_activations
+from .models import decoder_layers, glu_projections, model_device, stack_configs
+
+# ---------------------------------------------------------------------------------------------------
+# Neuron importance: which GLU neurons to keep (high score = keep)
+# ---------------------------------------------------------------------------------------------------
+
+STATIC_NEURON_METHODS = ("peak_to_peak", "variance", "product_of_norms", "l2")
+
+
+def static_neuron_importance(model: nn.Module, method: str = "peak_to_peak") -> torch.Tensor:
+    """Importance of every GLU neuron from the weights alone, Tensor[n_layers, intermediate_size].
+
+    Neuron i's rows of gate_proj (g) and up_proj (u): "peak_to_peak" = (max g + |min g|) + (max u + |min u|)
+    (the Peak-to-Peak Magnitude that optipfair calls MAW); "variance" = var(g) + var(u); "product_of_norms"
+    = |g| * |u|; "l2" = the L2 norm of g, u and down_proj's column i together. High = keep.
+    """
+    if method not in STATIC_NEURON_METHODS:
+        raise ValueError(f"Unknown static method {method!r}; known: {', '.join(STATIC_NEURON_METHODS)}.")
+    scores = []
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            gate, up, down = (p.weight.float() for p in glu_projections(layer))
+            if method == "peak_to_peak":
+                score = (gate.amax(1) + gate.amin(1).abs()) + (up.amax(1) + up.amin(1).abs())
+            elif method == "variance":
+                score = gate.var(1) + up.var(1)
+            elif method == "product_of_norms":
+                score = gate.norm(dim=1) * up.norm(dim=1)
+            else:
+                score = (gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt()
+            scores.append(score.cpu())
+    return torch.stack(scores)
+
+
+def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool = False,
+                          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Statistics of every GLU neuron's activation act(gate) * up over the real tokens of `batches`.
+
+    One forward pass with a hook on every down_proj input. Returns "mean_abs" and "mean_square",
+    Tensor[n_layers, intermediate_size], and "tokens"; with `gram=True` also "gram", the per-layer matrix
+    A^T A / tokens of the activations (Tensor[n_layers, intermediate, intermediate], float64), which is what
+    re-fitting down_proj by least squares needs (`utils.width.refit_down_proj`).
+    """
+    blocks = decoder_layers(model)
+    n_layers = len(blocks)
+    width = glu_projections(blocks[0])[2].in_features
+    device = model_device(model)
+    prepared = ids_and_masks(batches, device)
+    mean_abs = torch.zeros(n_layers, width, dtype=torch.float64)
+    mean_square = torch.zeros(n_layers, width, dtype=torch.float64)
+    grams = torch.zeros(n_layers, width, width, dtype=torch.float64) if gram else None
+    current: dict[str, torch.Tensor] = {}
+
+    def on_capture(point: str, layer: int, activation: torch.Tensor) -> None:
+        real = activation[current["real"].to(activation.device)].float()
+        mean_abs[layer] += real.abs().sum(0, dtype=torch.float64).cpu()
+        mean_square[layer] += real.pow(2).sum(0, dtype=torch.float64).cpu()
+        if grams is not None:
+            grams[layer] += (real.T @ real).double().cpu()
+
+    tokens = 0
+    with evaluating(model), capture_activations(model, points=("mlp_act",), callback=on_capture):
+        for ids, mask in tqdm(prepared, desc="neuron activations", disable=not progress, leave=False):
+            current["real"] = mask.bool()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            tokens += int(mask.sum())
+    result = {"mean_abs": (mean_abs / tokens).float(), "mean_square": (mean_square / tokens).float(), "tokens": tokens}
+    if grams is not None:
+        result["gram"] = grams / tokens
+    return result
+
+
+def activation_neuron_importance(model: nn.Module, batches: Sequence[Batch], method: str = "activation_x_down",
+                                 statistics: dict[str, torch.Tensor] | None = None,
+                                 progress: bool = True) -> torch.Tensor:
+    """Data-driven importance of every GLU neuron, Tensor[n_layers, intermediate_size]; high = keep.
+
+    "mean_abs_activation": mean |act(gate) * up| over the real calibration tokens (what the neuron feeds
+    down_proj). "activation_x_down": that times the L2 norm of the neuron's down_proj column (how much the
+    neuron moves the output, a hybrid of activation and weight). "output_energy": mean squared activation
+    times the squared column norm, the mean squared size of the neuron's contribution to the MLP output.
+    Pass `statistics` from `activation_statistics` to reuse one forward pass for several methods.
+    """
+    methods = ("mean_abs_activation", "activation_x_down", "output_energy")
+    if method not in methods:
+        raise ValueError(f"Unknown activation method {method!r}; known: {', '.join(methods)}.")
+    if statistics is None:
+        statistics = activation_statistics(model, batches, progress=progress)
+    if method == "mean_abs_activation":
+        return statistics["mean_abs"].clone()
+    with torch.no_grad():
+        column_norms = torch.stack([glu_projections(layer)[2].weight.float().norm(dim=0).cpu()
+                                    for layer in decoder_layers(model)])
+    if method == "activation_x_down":
+        return statistics["mean_abs"] * column_norms
+    return statistics["mean_square"] * column_norms.pow(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pruning: removing the low-scoring neurons from every GLU MLP
+# ---------------------------------------------------------------------------------------------------
+
+def target_intermediate_size(current: int, hidden_size: int, percent: float | None = None,
+                             intermediate_size: int | None = None, expansion_ratio: float | None = None,
+                             multiple: int = 1) -> int:
+    """The GLU width to prune to, from exactly one of three ways of saying it, rounded to `multiple`.
+
+    `percent` of the `current` neurons removed (0 < percent < 100), a target `intermediate_size`
+    (1..current), or an `expansion_ratio` = intermediate / hidden. The result is rounded to the nearest
+    multiple of `multiple` (fast matrix kernels like widths that are multiples of 64 or 128), never below
+    `multiple` and never above `current`. Raises a ValueError for anything outside these ranges.
+    """
+    given = [name for name, value in (("percent", percent), ("intermediate_size", intermediate_size),
+                                      ("expansion_ratio", expansion_ratio)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"Give exactly one of percent, intermediate_size or expansion_ratio (got {given or 'none'}).")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"`multiple` must be an integer >= 1, got {multiple!r}.")
+    if percent is not None:
+        if not 0 < percent < 100:
+            raise ValueError(f"`percent` of neurons to remove must be in (0, 100), got {percent}.")
+        target = current * (1 - percent / 100)
+    elif intermediate_size is not None:
+        if not 1 <= intermediate_size <= current:
+            raise ValueError(f"`intermediate_size` must be in 1..{current} (the current width), got {intermediate_size}.")
+        target = intermediate_size
+    else:
+        if not 0 < expansion_ratio * hidden_size <= current:
+            raise ValueError(f"`expansion_ratio` must be in (0, {current / hidden_size:.4g}] (current intermediate "
+                             f"{current} / hidden {hidden_size}), got {expansion_ratio}.")
+        target = expansion_ratio * hidden_size
+    rounded = int(round(target / multiple)) * multiple
+    return min(current, max(multiple, rounded))
+
+
+def neurons_to_keep(scores: torch.Tensor, keep: int) -> list[torch.Tensor]:
+    """Per layer, the indices (sorted) of the `keep` highest-scoring neurons of Tensor[n_layers, width]."""
+    if scores.dim() != 2:
+        raise ValueError(f"`scores` must be Tensor[n_layers, intermediate_size], got shape {tuple(scores.shape)}.")
+    if not 1 <= keep <= scores.shape[1]:
+        raise ValueError(f"Cannot keep {keep} neurons of {scores.shape[1]}: keep must be in 1..{scores.shape[1]}.")
+    return [torch.sort(torch.topk(row.float(), keep).indices).values for row in scores]
+
+
+def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear holding only the rows (dim 0) or columns (dim 1) `index` of `linear`, bias included."""
+    weight = linear.weight.data.index_select(dim, index.to(linear.weight.device))
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        bias = linear.bias.data if dim == 1 else linear.bias.data.index_select(0, index.to(linear.bias.device))
+        new.bias.data.copy_(bias)
+    return new
+
+
+def prune_glu_width(model: nn.Module, scores: torch.Tensor, percent: float | None = None,
+                    intermediate_size: int | None = None, expansion_ratio: float | None = None,
+                    multiple: int = 1, gram: torch.Tensor | None = None, ridge: float = 1e-3,
+                    inplace: bool = False) -> nn.Module:
+    """Remove the lowest-scoring GLU neurons of every decoder block and return the narrower model.
+
+    `scores` is Tensor[n_layers, intermediate_size] (high = keep), e.g. from
+    `utils.width.static_neuron_importance` or `activation_neuron_importance`. The target width comes
+    from exactly one of `percent` (removed), `intermediate_size` or `expansion_ratio`, rounded to `multiple`
+    (see `target_intermediate_size`). In every block the same number of neurons is kept, so the config's
+    single `intermediate_size` describes every layer; rows of gate_proj and up_proj and columns of
+    down_proj are sliced consistently (biases too). The result is a standard transformers model that saves
+    and loads with plain `from_pretrained`. With `gram` (from `utils.width.activation_statistics(...,
+    gram=True)` on calibration text) each down_proj is then re-fitted to compensate for the removed neurons
+    (`refit_down_proj`). A copy is returned unless `inplace`. Refuses a model without
+    separate gate/up/down projections, and scores of the wrong shape (scores for only some layers cannot
+    be honoured: the family's config has one width for all layers).
+    """
+    blocks = decoder_layers(model)
+    current = glu_projections(blocks[0])[2].in_features
+    configs = stack_configs(model, len(blocks))
+    if not configs or any(getattr(c, "intermediate_size", None) != current for c in configs):
+        raise ValueError("The model's config has no single `intermediate_size` matching its MLPs; this family's "
+                         "config cannot express the pruned width.")
+    widths = {glu_projections(block)[2].in_features for block in blocks}
+    if widths != {current}:
+        raise ValueError(f"The MLPs have different widths {sorted(widths)}; prune a model with one width per layer.")
+    scores = torch.as_tensor(scores)
+    if tuple(scores.shape) != (len(blocks), current):
+        raise ValueError(f"`scores` must have shape ({len(blocks)}, {current}) = (every layer, every neuron); got "
+                         f"{tuple(scores.shape)}. The config has a single intermediate_size, so every layer is "
+                         "pruned to the same width: per-layer widths are not supported.")
+    hidden_size = configs[0].hidden_size
+    keep = target_intermediate_size(current, hidden_size, percent, intermediate_size, expansion_ratio, multiple)
+    kept = neurons_to_keep(scores, keep)
+    original_down = [glu_projections(block)[2].weight.detach() for block in blocks] if gram is not None else None
+    if not inplace:
+        model = copy.deepcopy(model)
+        blocks = decoder_layers(model)
+    with torch.no_grad():
+        for block, index in zip(blocks, kept):
+            gate, up, down = glu_projections(block)
+            block.mlp.gate_proj = _sliced_linear(gate, index, 0)
+            block.mlp.up_proj = _sliced_linear(up, index, 0)
+            block.mlp.down_proj = _sliced_linear(down, index, 1)
+            if hasattr(block.mlp, "intermediate_size"):
+                block.mlp.intermediate_size = keep
+    for config in stack_configs(model, len(blocks)):
+        config.intermediate_size = keep
+    if gram is not None:
+        refit_down_proj(model, gram, kept, original_down, ridge=ridge)
+    return model
+
+
+def refit_down_proj(model: nn.Module, gram: torch.Tensor, kept: Sequence[torch.Tensor],
+                    original_down: Sequence[torch.Tensor], ridge: float = 1e-3) -> None:
+    """Re-fit each pruned block's down_proj so it reproduces the unpruned MLP output, by least squares.
+
+    With A the calibration activations of all neurons of a block (its `gram` = A^T A / tokens, from
+    `utils.width.activation_statistics(..., gram=True)` on the unpruned model), K the kept neurons and
+    W the original down_proj, the new down_proj solves min ||A W^T - A_K W_K'^T||^2 + ridge * mean(diag) *
+    ||W_K'||^2: W_K'^T = (G_KK + lambda I)^-1 G_K: W^T. The removed neurons' average contribution is thereby
+    spread over the kept ones that correlate with it. `kept` and `original_down` are per layer (as from
+    `neurons_to_keep` and the unpruned down_proj weights); the model is changed in place.
+    """
+    blocks = decoder_layers(model)
+    if not (len(blocks) == len(kept) == len(original_down) == gram.shape[0]):
+        raise ValueError(f"One gram matrix, kept-index list and down_proj per block is needed ({len(blocks)} blocks; "
+                         f"got {gram.shape[0]}, {len(kept)}, {len(original_down)}).")
+    if ridge < 0:
+        raise ValueError(f"`ridge` must be >= 0, got {ridge}.")
+    with torch.no_grad():
+        for block, g, index, weight in zip(blocks, gram, kept, original_down):
+            g = g.double()
+            index = index.cpu()
+            g_kk = g[index][:, index]
+            lam = ridge * float(g_kk.diagonal().mean())
+            rhs = g[index] @ weight.double().cpu().T  # (kept, hidden)
+            solution = torch.linalg.solve(g_kk + lam * torch.eye(len(index), dtype=torch.float64), rhs)
+            down = glu_projections(block)[2]
+            down.weight.data.copy_(solution.T.to(down.weight.dtype))
