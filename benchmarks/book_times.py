@@ -14,7 +14,9 @@ import re
 import sys
 from pathlib import Path
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 READING = re.compile(r"reading sources\.\.\. \[\s*\d+%\] (\S+)")
+EXECUTING = re.compile(r"(\S+)\.ipynb: Executing notebook")
 EXECUTED = re.compile(r"Executed notebook in ([\d.]+) seconds")
 CACHED = re.compile(r"Using cached notebook|Cached executed notebook|retrieved from cache", re.IGNORECASE)
 
@@ -24,9 +26,12 @@ def chapter_times(log: str) -> list[tuple[str, float | None]]:
     times: dict[str, float | None] = {}
     page = None
     for line in log.splitlines():
-        reading = READING.search(line)
+        line = ANSI.sub("", line)
+        reading = READING.search(line) or EXECUTING.search(line)
         if reading:
             page = reading.group(1)
+            if "/" in page and not reading.re is READING:
+                page = "/".join(page.split("/")[-2:])
             continue
         executed = EXECUTED.search(line)
         if executed and page:
