@@ -180,16 +180,28 @@ def ensure_embedded_cache(cache_dir: str | os.PathLike | None = None, verbose: b
     return final
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+
 def default_device_and_dtype(device: str | torch.device | None = None,
                              dtype: torch.dtype | str | None = None) -> tuple[torch.device, torch.dtype]:
     """Choose the compute device and dtype when the caller does not.
 
     CUDA if available, else CPU. On CPU the dtype is float32 (bf16 is slower there and gains nothing);
-    on a GPU with bf16 support (Ampere and newer) bfloat16; on older GPUs such as the T4 float16.
+    on a GPU with bf16 support (Ampere and newer) bfloat16; on older GPUs such as the T4 float16. The
+    environment variables REARCH_DEVICE ("cpu", "cuda", "cuda:1") and REARCH_DTYPE ("fp32", "bf16",
+    "fp16") override the choice wherever no argument is given: that is how the GPU test lane runs every
+    test and chapter once in bf16 and once in fp16 (`make test-gpu`).
     """
+    device = device if device is not None else os.environ.get("REARCH_DEVICE") or None
+    dtype = dtype if dtype is not None else os.environ.get("REARCH_DTYPE") or None
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"Unknown dtype {dtype!r} (from the dtype argument or REARCH_DTYPE); use one of "
+                             f"{', '.join(DTYPE_NAMES)}.")
+        dtype = DTYPE_NAMES[dtype]
     if dtype is None:
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -218,7 +230,10 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
         path = str(ensure_embedded_cache(cache_dir))
     elif name in TINY_ARCHITECTURES:
         model, tokenizer = tiny_model(name, seed=seed)
-        return model.to(device=device, dtype=dtype).eval(), tokenizer
+        model = model.to(device)
+        for parameter in model.parameters():  # parameters only: buffers such as RoPE's inv_freq stay float32,
+            parameter.data = parameter.data.to(dtype)  # as from_pretrained(..., dtype=...) leaves them
+        return model.eval(), tokenizer
     elif Path(name).is_dir():
         path = name
     elif name.count("/") == 1 and not name.startswith(("/", ".")):

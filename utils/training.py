@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .batches import Batch, batch_stream, check_batches, token_counts
+from .batches import Batch, batch_stream, check_batches, to_device, token_counts
 from .models import model_device
 
 if TYPE_CHECKING:
@@ -136,7 +136,8 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
     then cosine decay to 0; gradients clipped to `max_grad_norm`. A loss that is not finite stops the run
     with a FloatingPointError that says at which step. `eval_fn(model)` (a float or a dict of floats) runs
     before training, every `eval_every` steps and at the end, in eval mode without gradients.
-    `count_tokens(batch)` says how many tokens a batch teaches (default: its real tokens). Precision: see
+    `count_tokens(batch)` says how many tokens a batch teaches (default: its real tokens). Each batch is
+    moved to the model's device before `loss_fn` sees it. Precision: see
     the module docstring (`mixed_precision`). With `accelerator`, batch i goes to process i mod the number
     of processes, and `steps` counts optimizer steps, each seeing one batch per process. The model is left
     in eval mode, trained in place.
@@ -221,7 +222,7 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
                 sync = accelerator is None or micro_step == grad_accum - 1
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(trained)):
                     with autocast():
-                        terms = _loss_terms(loss_fn(trained, batch))
+                        terms = _loss_terms(loss_fn(trained, to_device(batch, device)))
                     loss = terms["loss"] / grad_accum
                     if accelerator is not None:
                         accelerator.backward(loss)
