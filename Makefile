@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export REARCH_CACHE_DIR ?= $(CURDIR)/.cache
-export PYTHONPATH := $(CURDIR)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: book test setup clean-book constraints
+.PHONY: book test test-gpu setup clean-book constraints
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The GPU lane (CI has no GPU; run it on a CUDA machine): the unit tests and every chapter notebook on a
+# tiny model, once in bf16 and once in fp16. Uses the machine's own python and packages (no .venv):
+# see benchmarks/gpu_lane.py and the README. Results go to benchmarks/results/gpu_lane-<card>.json.
+GPU_PYTHON ?= python3
+GPU_DTYPES ?= bf16,fp16
+test-gpu:
+	$(GPU_PYTHON) benchmarks/gpu_lane.py --dtypes $(GPU_DTYPES) -- -n 8 --dist loadfile
 
 clean-book:
 	rm -rf _build

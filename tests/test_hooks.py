@@ -9,7 +9,7 @@ def test_captures_every_point_with_right_shapes(tiny):
     name, model, tokenizer = tiny
     ids = tokenizer(["a short text", "another one!"], return_tensors="pt", padding=True)
     with capture_activations(model, points=POINTS) as captured:
-        model(**ids)
+        model(**{k: v.to(model.device) for k, v in ids.items()})
     n_layers = model.config.num_hidden_layers
     assert len(captured) == n_layers * len(POINTS)
     batch, length = ids["input_ids"].shape

@@ -37,7 +37,7 @@ def _by_hand(model, rows: list[torch.Tensor], window: int) -> tuple[torch.Tensor
     ones, angles = [[] for _ in range(n_layers)], [[] for _ in range(n_layers - window + 1)]
     for row in rows:
         with capture_activations(model) as captured:
-            model(row[None])
+            model(row[None].to(model.device))
         for layer in range(n_layers):
             x, y = captured["block_in", layer][0][0], captured["block_out", layer][0][0]
             ones[layer].append(1 - F.cosine_similarity(x, y, dim=-1))
@@ -49,6 +49,7 @@ def _by_hand(model, rows: list[torch.Tensor], window: int) -> tuple[torch.Tensor
 
 def test_scores_match_a_hand_computation_on_a_padded_batch(tiny):
     name, model, _ = tiny
+    model = model.float()  # the hand computation is the reference: compare in float32 whatever the lane's dtype
     rows = _rows(11, 5, 8)
     influence, distance = _by_hand(model, rows, window=2)
     scores = layer_importance(model, [_padded(rows[:2]), _padded(rows[2:])], window_blocks=2, progress=False)

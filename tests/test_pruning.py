@@ -31,10 +31,11 @@ def _drop_for(name: str) -> list[int]:
 
 
 def test_remove_layers_keeps_cache_generation_and_reloads_identically(tiny, tmp_path):
+    prompt = PROMPT.to(tiny[1].device)
     name, model, _ = tiny
     n_layers = len(decoder_layers(model))
     before = _snapshot(model)
-    base_logits = model(PROMPT).logits
+    base_logits = model(prompt.to(model.device)).logits
     drop = _drop_for(name)
     kept = [i for i in range(n_layers) if i not in drop]
 
@@ -42,7 +43,7 @@ def test_remove_layers_keeps_cache_generation_and_reloads_identically(tiny, tmp_
 
     # the base model is untouched and shares no block with the pruned one
     assert _snapshot(model) == before
-    assert torch.equal(model(PROMPT).logits, base_logits)
+    assert torch.equal(model(prompt.to(model.device)).logits, base_logits)
     assert not {id(p) for p in pruned.parameters()} & {id(p) for p in model.parameters()}
     # the right blocks remain, renumbered, with the config in sync
     assert len(decoder_layers(pruned)) == pruned.config.num_hidden_layers == len(kept)
@@ -54,16 +55,16 @@ def test_remove_layers_keeps_cache_generation_and_reloads_identically(tiny, tmp_
     assert all(indices) and [{value for _, value in block} for block in indices] == [{j} for j in range(len(kept))]
     if getattr(model.config, "layer_types", None) is not None:
         assert pruned.config.layer_types == [model.config.layer_types[i] for i in kept]
-    assert not torch.equal(pruned(PROMPT).logits, base_logits)
+    assert not torch.equal(pruned(prompt).logits, base_logits)
     # generation with the KV cache agrees with generation without it
-    assert torch.equal(_greedy(pruned, PROMPT, use_cache=True), _greedy(pruned, PROMPT, use_cache=False))
+    assert torch.equal(_greedy(pruned, prompt, use_cache=True), _greedy(pruned, prompt, use_cache=False))
     # a plain transformers reload is the same model
     pruned.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=pruned.dtype).to(pruned.device).eval()
     assert reloaded.config.num_hidden_layers == len(kept)
     assert getattr(reloaded.config, "layer_types", None) == getattr(pruned.config, "layer_types", None)
-    assert torch.equal(reloaded(PROMPT).logits, pruned(PROMPT).logits)
-    assert torch.equal(_greedy(reloaded, PROMPT, use_cache=True), _greedy(pruned, PROMPT, use_cache=True))
+    assert torch.equal(reloaded(prompt).logits, pruned(prompt).logits)
+    assert torch.equal(_greedy(reloaded, prompt, use_cache=True), _greedy(pruned, prompt, use_cache=True))
 
 
 @pytest.mark.parametrize("drop, expected", [

@@ -37,7 +37,7 @@ def two_inputs(model, router_layer):
         ids = torch.randint(0, 256, (1, 12), generator=generator)
         found.setdefault(pooled_feature(model, ids, router_layer) > 0, ids)
         if len(found) == 2:
-            return found[False], found[True]
+            return found[False].to(model.device), found[True].to(model.device)
     pytest.skip("no prompt pair with different routes found")
 
 
@@ -53,8 +53,8 @@ def test_routes_and_matches_fixed_skip_set(tiny):
     expected = {}
     for profile, ids in (("short", short_ids), ("long", long_ids)):
         with attention_skipped(model, sets[profile]):
-            expected[profile] = model(input_ids=ids, use_cache=False).logits
-    base = model(input_ids=short_ids, use_cache=False).logits
+            expected[profile] = model(input_ids=ids.to(model.device), use_cache=False).logits
+    base = model(input_ids=short_ids.to(model.device), use_cache=False).logits
     make_adaptive(model, threshold_router(model, 0, sets))
     try:
         state = adaptive_state(model)
@@ -88,13 +88,13 @@ def test_generate_with_cache_equals_recomputation(tiny):
                                    max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=258)
         state = adaptive_state(model)
         assert state.last_profiles == ["short"] and state.skip_set == sorted(sets["short"])
-        output = model(input_ids=short_ids, use_cache=True)  # cache slots of skipped blocks stay empty
+        output = model(input_ids=short_ids.to(model.device), use_cache=True)  # cache slots of skipped blocks stay empty
         kept = len(decoder_layers(model)) - len(sets["short"])
         assert filled_cache_layers(output_cache(output)) == kept
         loop = greedy_tokens(model, short_ids, 6)
     finally:
         remove_adaptive(model)
-    ids = short_ids
+    ids = short_ids.to(model.device)
     with attention_skipped(model, sets["short"]):  # recompute every step from scratch, no cache
         for _ in range(6):
             next_id = model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)

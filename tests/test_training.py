@@ -52,7 +52,7 @@ def test_fp16_distillation_stays_finite(batches, one_thread):
 
 
 def test_fp32_model_trains_in_fp32_unless_asked(batches, one_thread):
-    model, _ = load_model("tiny-llama")
+    model, _ = load_model("tiny-llama", dtype=torch.float32)
     assert autocast_dtype(model) is None and autocast_dtype(model, "bf16") == torch.bfloat16
     assert autocast_dtype(model, "no") is None
     reference = copy.deepcopy(model)

@@ -18,7 +18,7 @@ def _batches(tokenizer, n=4, length=24):
 
 def _logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits
 
 
 def test_target_sizes_and_rounding():
@@ -54,7 +54,7 @@ def test_width_pruning_gives_a_standard_model_on_every_family(tiny, tmp_path):
         assert gate.out_features == up.out_features == down.in_features == 96
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     pruned.save_pretrained(tmp_path / name)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=pruned.dtype).to(pruned.device)
     assert torch.equal(_logits(pruned, ids), _logits(reloaded, ids))
     generated = pruned.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 10)
