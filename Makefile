@@ -28,7 +28,7 @@ $(STAMP): requirements.txt requirements-data.txt constraints.txt
 	touch $(STAMP)
 
 # The build log says which chapter is executing ("reading sources... CHxx") and how long each took;
-# the table at the end sums it up (also on the site's "Build report" page).
+# the table at the end sums it up (the site's "Build report" page shows the same times).
 book: $(STAMP)
 	@mkdir -p _build
 	set -o pipefail; $(BIN)/jupyter-book build . --path-output . 2>&1 | tee _build/book.log
