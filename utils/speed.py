@@ -1,16 +1,14 @@
 """Timing and cost: how fast a model runs, and how fast the hardware says it could run.
 
-One timing helper for the whole course (`interleaved_samples`, summarized by `timing_summary`): the
-variants to compare run in interleaved rounds (a, b, c, a, b, c, ...) after warm-up rounds, the device
-is synchronized before every clock read, and the result keeps every sample so a median can be shown with
-its spread. `measure_speed` (time to first token and decode speed) and the chapters' own comparisons use
+One timing helper for the whole course (`interleaved_samples`): the variants to compare run in
+interleaved rounds (a, b, c, a, b, c, ...) after warm-up rounds, the device is synchronized before every
+clock read, and the result keeps every sample so a median can be shown with its spread. `measure_speed` (time to first token and decode speed) and the chapters' own comparisons use
 it, and so do the benchmark scripts.
 
 One cost model: `decode_bytes` (what a decode step must read: decoder-block weights, LM head and the KV
 cache of the context) and `prefill_flops` (what a prefill must compute), read from the model itself, so
-a pruned, narrowed or bypassed model is costed as it is. `CARD_PEAKS` lists the memory bandwidth and
-dense bf16/fp16 throughput of common cards; `card_peaks` finds the current card's (or takes yours), so
-every measured number can stand beside its hardware limit.
+a pruned, narrowed or bypassed model is costed as it is, and every measured number can stand beside
+its hardware limit (the bytes or FLOPs over the card's bandwidth or throughput).
 
 Eager single-token decoding with transformers is launch-bound on a GPU: the card waits for Python and
 kernel launches, not for memory, so its tokens/s sit far below `decode_bytes` / bandwidth.
@@ -32,39 +30,6 @@ from .models import (
     model_device,
     output_cache,
 )
-
-# Peak memory bandwidth (bytes/s) and dense 16-bit tensor throughput (FLOP/s) from the vendors' data
-# sheets. Match is by substring of torch.cuda.get_device_name(); the first match wins.
-CARD_PEAKS: dict[str, dict[str, float]] = {
-    "H200": {"memory_bytes_per_s": 4.8e12, "bf16_flops_per_s": 989e12},
-    "H100 PCIe": {"memory_bytes_per_s": 2.0e12, "bf16_flops_per_s": 756e12},
-    "H100": {"memory_bytes_per_s": 3.35e12, "bf16_flops_per_s": 989e12},
-    "A100-SXM4-80GB": {"memory_bytes_per_s": 2.039e12, "bf16_flops_per_s": 312e12},
-    "A100": {"memory_bytes_per_s": 1.555e12, "bf16_flops_per_s": 312e12},
-    "L4": {"memory_bytes_per_s": 300e9, "bf16_flops_per_s": 121e12},
-    "A10G": {"memory_bytes_per_s": 600e9, "bf16_flops_per_s": 125e12},
-    "V100": {"memory_bytes_per_s": 900e9, "bf16_flops_per_s": 125e12},
-    "T4": {"memory_bytes_per_s": 320e9, "bf16_flops_per_s": 65e12},
-    "RTX 4090": {"memory_bytes_per_s": 1.008e12, "bf16_flops_per_s": 165e12},
-}
-
-
-def card_peaks(name: str | None = None, memory_bytes_per_s: float | None = None,
-               flops_per_s: float | None = None) -> dict[str, object]:
-    """The peak memory bandwidth and 16-bit throughput of a card: {"card", "memory_bytes_per_s",
-    "bf16_flops_per_s"}.
-
-    `name` defaults to the current CUDA device's name (None on a CPU, whose peaks are not tabled); a
-    given `memory_bytes_per_s` or `flops_per_s` overrides the table (your own card, or a CPU's measured
-    bandwidth). Unknown cards give None values rather than a guess.
-    """
-    if name is None and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-    found = next((peaks for key, peaks in CARD_PEAKS.items() if name and key.lower() in name.lower()), {})
-    return {"card": name or "cpu",
-            "memory_bytes_per_s": memory_bytes_per_s or found.get("memory_bytes_per_s"),
-            "bf16_flops_per_s": flops_per_s or found.get("bf16_flops_per_s")}
-
 
 # ---------------------------------------------------------------------------------------------------
 # Timing
@@ -103,16 +68,6 @@ def interleaved_samples(runs: Mapping[str, Callable[[], object]], repeats: int =
             if round_number >= warmup:
                 times[name].append(result if isinstance(result, float) else elapsed)
     return times
-
-
-def timing_summary(seconds: list[float]) -> dict[str, float]:
-    """Median, quartiles, min and max of timing samples: {"median_s", "q1_s", "q3_s", "min_s", "max_s", "n"}."""
-    if not seconds:
-        raise ValueError("timing_summary needs at least one sample.")
-    ordered = sorted(seconds)
-    q1, q3 = (statistics.quantiles(ordered, n=4)[0::2] if len(ordered) > 1 else (ordered[0], ordered[0]))
-    return {"median_s": statistics.median(ordered), "q1_s": q1, "q3_s": q3, "min_s": ordered[0],
-            "max_s": ordered[-1], "n": len(ordered)}
 
 
 def interleaved_timings(runs: Mapping[str, Callable[[], object]], repeats: int = 5,
@@ -159,7 +114,7 @@ def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 
     followed by `new_tokens - 1` single-token decode steps; the decode time excludes the prefill.
     `warmup` runs are discarded. Works on CPU and CUDA (clocks are read after a device synchronization).
     Also returns the decode step's bytes (`decode_bytes` at the prompt length) and the bandwidth the
-    median step achieved: compare it with `card_peaks()["memory_bytes_per_s"]`.
+    median step achieved: compare it with the card's peak memory bandwidth.
     """
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
         raise ValueError("measure_speed needs new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1.")
