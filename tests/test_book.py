@@ -17,3 +17,38 @@ def test_shown_formats_and_glue_refuses_bad_names():
     assert shown(0.000123456) == "0.0001235" and shown(True) == "True"
     with pytest.raises(ValueError, match="name"):
         glue("not a name", 1.0)
+
+
+def test_budget_tier_follows_quick_the_device_and_the_override(monkeypatch):
+    from utils.book import budget_tier
+
+    monkeypatch.delenv("REARCH_BUDGET", raising=False)
+    monkeypatch.setenv("REARCH_QUICK", "1")
+    assert budget_tier() == "quick"
+    monkeypatch.delenv("REARCH_QUICK")
+    monkeypatch.setenv("REARCH_DEVICE", "cpu")
+    assert budget_tier() == "cpu"
+    monkeypatch.setenv("REARCH_BUDGET", "gpu")
+    assert budget_tier() == "gpu"
+    monkeypatch.setenv("REARCH_BUDGET", "fast")
+    with pytest.raises(ValueError, match="REARCH_BUDGET"):
+        budget_tier()
+
+
+def test_recorded_time_reads_the_latest_successful_run(tmp_path):
+    import json
+
+    from utils.book import recorded_time
+
+    assert recorded_time("CH02/x.ipynb", "gpu", None) == "not yet recorded"
+    assert recorded_time("CH02/x.ipynb", "gpu", tmp_path) == "not yet recorded"
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "chapter_times-gpu.json").write_text(json.dumps({"machine": "NVIDIA H200, Python 3.12", "runs": [
+        {"chapter": "CH02/x.ipynb", "date": "2026-11-29", "seconds": 600},
+        {"chapter": "CH02/x.ipynb", "date": "2026-11-30", "seconds": 150},
+        {"chapter": "CH02/x.ipynb", "date": "2026-12-01", "seconds": 10, "error": "failed"}]}))
+    assert recorded_time("CH02/x.ipynb", "gpu", tmp_path) == "about 2 minutes (NVIDIA H200, 2026-11-30)"
+    assert recorded_time("CH03/y.ipynb", "gpu", tmp_path) == "not yet recorded"
+    with pytest.raises(ValueError, match="kind"):
+        recorded_time("CH02/x.ipynb", "tpu", tmp_path)

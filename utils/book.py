@@ -9,6 +9,7 @@ it. Where myst-nb is not installed (Colab needs no Sphinx), `glue` only prints.
 from __future__ import annotations
 
 import numbers
+import os
 
 try:  # the book's builder; absent in a plain notebook environment
     from myst_nb import glue as _myst_glue
@@ -42,3 +43,57 @@ def glue(name: str, value: object, display: bool = False) -> None:
 
         show(value)
     print(f"{name} = {shown(value)}")
+
+
+BUDGET_TIERS = ("quick", "cpu", "gpu")
+
+
+def budget_tier() -> str:
+    """Which budgets a chapter's parameters cell picks: "quick", "cpu" or "gpu".
+
+    "quick" when REARCH_QUICK=1 (the tests run every chapter on a tiny model in seconds); otherwise "gpu"
+    when the models will live on a CUDA device (the same choice `utils.models.load_model` makes, so
+    REARCH_DEVICE=cpu on a GPU machine gives "cpu"), else "cpu". REARCH_BUDGET ("quick", "cpu", "gpu")
+    overrides, for example to try the CPU budgets on a GPU. A chapter writes each budget as
+    `{"quick": ..., "cpu": ..., "gpu": ...}[TIER]`, so one parameters cell serves every machine.
+    """
+    from .models import default_device_and_dtype
+
+    chosen = os.environ.get("REARCH_BUDGET")
+    if chosen:
+        if chosen not in BUDGET_TIERS:
+            raise ValueError(f"REARCH_BUDGET must be one of {', '.join(BUDGET_TIERS)}, got {chosen!r}.")
+        return chosen
+    if os.environ.get("REARCH_QUICK") == "1":
+        return "quick"
+    device, _ = default_device_and_dtype()
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> str:
+    """The latest recorded run time of a chapter on `kind` ("cpu" or "gpu") as a phrase for the prose.
+
+    Reads `benchmarks/results/chapter_times-<kind>.json` under the repository `root` (written by
+    `benchmarks/chapter_times.py` and by the book builds) and returns, for example, "about 9 minutes
+    (NVIDIA H200, 2026-11-30)", or "not yet recorded" when there is no record (also when `root` is None, as
+    in a notebook opened alone from its Colab badge). `chapter` is the notebook's path from the root.
+    """
+    import json
+    from pathlib import Path
+
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
+    if root is None:
+        return "not yet recorded"
+    path = Path(root) / "benchmarks" / "results" / f"chapter_times-{kind}.json"
+    if not path.is_file():
+        return "not yet recorded"
+    record = json.loads(path.read_text())
+    runs = [run for run in record.get("runs", []) if run.get("chapter") == chapter and run.get("seconds")
+            and not run.get("error")]
+    if not runs:
+        return "not yet recorded"
+    run = max(runs, key=lambda run: run.get("date", ""))
+    where = run.get("machine") or record.get("machine", "")
+    where = where.split(",")[0] if kind == "gpu" else where.split(", Python")[0]
+    return f"about {max(1, round(run['seconds'] / 60))} minutes ({where}, {run.get('date', 'undated')})"

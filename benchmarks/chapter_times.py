@@ -1,0 +1,100 @@
+"""Run chapter notebooks on the embedded model and record how long each took, on a CPU or a GPU.
+
+    python benchmarks/chapter_times.py CH02/CH02_first_surgery.ipynb [more notebooks] [--commit abc1234]
+
+Each notebook is executed with nbclient from its own folder, with the environment as it is (so the
+chapter picks the embedded model and, on a CUDA machine, its GPU budgets), and its wall time is appended
+to `chapter_times-<cpu|gpu>.json` (the file the chapters' "Before you start" cells read) in $OUT when set,
+else in benchmarks/results/. A notebook that fails is recorded with its error and makes the script exit 1.
+The numbers each chapter glued (`utils.book.glue` prints them as `name = value`) are kept in the record too,
+so a run on another machine can be compared with the book's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> tuple[str, str]:
+    """('gpu' or 'cpu', a one-line description of the machine and its versions)."""
+    import torch
+    import transformers
+
+    versions = f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
+    if torch.cuda.is_available():
+        return "gpu", f"{torch.cuda.get_device_name(0)}, {versions}"
+    return "cpu", f"{platform.machine()}, {os.cpu_count()} CPU cores, {versions}"
+
+
+GLUED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = (.+)$")
+
+
+def glued_values(notebook) -> dict[str, str]:
+    """The `name = value` lines that `utils.book.glue` printed in a notebook's outputs, by name."""
+    found = {}
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stdout":
+                for line in output.get("text", "").splitlines():
+                    match = GLUED.match(line.strip())
+                    if match:
+                        found[match.group(1)] = match.group(2)
+    return found
+
+
+def main() -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("--commit", default=os.environ.get("REARCH_COMMIT", "working tree"))
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = parser.parse_args()
+    kind, description = machine()
+    out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"chapter_times-{kind}.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+    else:
+        record = {"what": "Wall time to execute a chapter notebook on the embedded model (SmolLM2-135M-Instruct), "
+                          "nbclient, one notebook at a time, the chapter's own budgets for this kind of machine",
+                  "machine": description, "runs": []}
+    failed = False
+    for name in args.notebooks:
+        notebook_path = (ROOT / name).resolve()
+        notebook = nbformat.read(notebook_path, as_version=4)
+        client = NotebookClient(notebook, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(notebook_path.parent)}})
+        start = time.perf_counter()
+        error = None
+        try:
+            client.execute()
+        except Exception as exception:  # recorded, and the script fails at the end
+            error = f"{type(exception).__name__}: {str(exception)[-600:]}"
+            failed = True
+        seconds = round(time.perf_counter() - start, 1)
+        run = {"chapter": str(notebook_path.relative_to(ROOT)), "commit": args.commit,
+               "date": time.strftime("%Y-%m-%d"), "seconds": seconds, "machine": description,
+               "glued": glued_values(notebook)}
+        if error:
+            run["error"] = error
+        record["runs"].append(run)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{run['chapter']}: {seconds:.0f} s{' FAILED ' + error if error else ''}", flush=True)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
