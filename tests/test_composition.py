@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from utils.bypass import bypass_attention, bypassed_layers, save_bypassed
 from utils.bypass_modeling import (BYPASSED_LAYERS_KEY, attention_types, cache_slots, is_bypassed,
                                    statically_bypassed)
-from utils.depth import remove_layers
+from utils.depth import layers_removed, remove_layers
 from utils.models import (TINY_ARCHITECTURES, decoder_layers, glu_projections, load_model, output_cache,
                           saved_folder_kind, tiny_model)
 from utils.routing import (AttentionRouter, adaptive_state, load_adaptive, make_adaptive, remove_adaptive,
@@ -143,7 +143,9 @@ def _assert_cached_decode_equals_recomputation(model, ids: torch.Tensor, steps: 
         output = model(input_ids=ids[:, position:position + 1], use_cache=True, **{_cache_kwarg(model): cache})
         cache = output_cache(output)
         logits.append(output.logits)
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-4, rtol=1e-4, msg=what)
+    scale = max(1.0, float(full.abs().max()))  # float32 round-off grows with the logits (about 30 on the real model)
+    difference = float((torch.cat(logits, dim=1) - full).abs().max())
+    assert difference <= 1e-4 * scale, f"{what}: cached decode differs from recomputation by {difference:.2g}"
 
 
 def _save(model, tokenizer, folder) -> str:
@@ -247,6 +249,19 @@ def test_remove_layers_after_bypassing_block_zero_keeps_the_cache_right(tmp_path
     _assert_reloads_exactly(other, tokenizer, tmp_path, ids, "bypass [3], remove [1]")
 
 
+def test_layers_removed_on_a_bypassed_model_restores_slots_and_bookkeeping():
+    """The temporary removal (what `pooled_hidden_states` uses) renumbers like `remove_layers` and puts the
+    bypassed model's cache slots and `bypassed_attention_layers` back on exit."""
+    model, _ = tiny_model("tiny-qwen3", num_hidden_layers=6)
+    bypassed = bypass_attention(model, [0, 3])
+    before = _snapshot(bypassed)
+    with layers_removed(bypassed, [1, 4]):
+        _assert_consistent(bypassed, "inside layers_removed")
+        assert bypassed.config.bypassed_attention_layers == [0, 2]
+    _assert_unchanged(bypassed, before, "after layers_removed")
+    _assert_consistent(bypassed, "after layers_removed")
+
+
 def test_refusals_happen_before_any_change():
     model, _ = tiny_model("tiny-gemma3")  # blocks 0-4 sliding, block 5 full
     before = _snapshot(model)
@@ -310,10 +325,15 @@ def test_embedded_chain(embedded, tmp_path):
     """One chain on the real model: bypass, remove blocks, prune width, merge a LoRA update, route."""
     model, tokenizer = embedded
     generator = torch.Generator().manual_seed(0)
-    model = bypass_attention(model, [4, 20])
-    model = remove_layers(model, [0, 12, 25])
-    model = prune_glu_width(model, static_neuron_importance(model), percent=25, multiple=64)
-    model, _ = _step(model, "lora", random.Random(0), generator)
+    model = bypass_attention(model, [4, 20])  # a copy: the session's embedded model stays as it is
+    model = remove_layers(model, [0, 12, 25], inplace=True)
+    model = prune_glu_width(model, static_neuron_importance(model), percent=25, multiple=64, inplace=True)
+    peft_model = get_peft_model(model, lora_config(model, "attention", rank=2))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    model = peft_model.merge_and_unload().eval()
     _assert_consistent(model, "embedded chain")
     assert model.config.bypassed_attention_layers == [3, 18] and model.config.num_hidden_layers == 27
     rng = random.Random(1)
