@@ -143,9 +143,11 @@ def _assert_cached_decode_equals_recomputation(model, ids: torch.Tensor, steps: 
         output = model(input_ids=ids[:, position:position + 1], use_cache=True, **{_cache_kwarg(model): cache})
         cache = output_cache(output)
         logits.append(output.logits)
-    scale = max(1.0, float(full.abs().max()))  # float32 round-off grows with the logits (about 30 on the real model)
+    # float32 round-off grows with the logits (about 30 on the real model, where a pruned stack measured up to
+    # 4e-3; the slot bug of issue 16 gave 0.3 on tiny Gemma 3, whose logits are about 1)
+    scale = max(1.0, float(full.abs().max()))
     difference = float((torch.cat(logits, dim=1) - full).abs().max())
-    assert difference <= 1e-4 * scale, f"{what}: cached decode differs from recomputation by {difference:.2g}"
+    assert difference <= 5e-4 * scale, f"{what}: cached decode differs from recomputation by {difference:.2g}"
 
 
 def _save(model, tokenizer, folder) -> str:
@@ -326,7 +328,7 @@ def test_embedded_chain(embedded, tmp_path):
     model, tokenizer = embedded
     generator = torch.Generator().manual_seed(0)
     model = bypass_attention(model, [4, 20])  # a copy: the session's embedded model stays as it is
-    model = remove_layers(model, [0, 12, 25], inplace=True)
+    model = remove_layers(model, [6, 14, 25], inplace=True)
     model = prune_glu_width(model, static_neuron_importance(model), percent=25, multiple=64, inplace=True)
     peft_model = get_peft_model(model, lora_config(model, "attention", rank=2))
     with torch.no_grad():
@@ -335,7 +337,7 @@ def test_embedded_chain(embedded, tmp_path):
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
     model = peft_model.merge_and_unload().eval()
     _assert_consistent(model, "embedded chain")
-    assert model.config.bypassed_attention_layers == [3, 18] and model.config.num_hidden_layers == 27
+    assert model.config.bypassed_attention_layers == [4, 18] and model.config.num_hidden_layers == 27
     rng = random.Random(1)
     model, _ = _step(model, "adaptive", rng, generator)
     _assert_consistent(model, "embedded chain, adaptive")
