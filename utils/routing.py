@@ -41,20 +41,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import Batch, evaluating, ids_and_masks
-from .bypass import attention_skipped, bypassed_layers
+from .bypass import attention_skipped, bypassed_layers, save_bypassed
 from .bypass_modeling import (
+    BYPASSED_LAYERS_KEY,
+    AttentionBypassedForCausalLM,
     attention_only_modules,
     attention_types,
     bypassed_block_class,
+    statically_bypassed,
 )
 from .data import atomic_write_text
 from .depth import layers_removed
 from .evaluation import batch_nll
 from .hooks import capture_activations
 from .importance import calibration_loss
-from .models import decoder_layers, model_device
+from .models import ROUTER_FILE, decoder_layers, model_device
 
-ROUTER_FILE = "adaptive_router.json"
 ROUTER_FORMAT = 1
 
 
@@ -116,18 +118,24 @@ class AttentionRouter:
 
 
 def skip_candidates(model: nn.Module, router_layer: int) -> list[int]:
-    """Blocks whose attention an adaptive model may skip: those after `router_layer`, except the first block
-    of each attention type (the KV cache reads the past length and the mask sizes from those slots).
+    """Blocks whose attention an adaptive model may skip: those after `router_layer` that still have their
+    attention, except the first such block of each attention type (the KV cache reads the past length and
+    the mask sizes from the slots those fill). Blocks whose attention is bypassed for good
+    (`utils.bypass.bypass_attention`) are never candidates: they have no attention left to skip.
 
     Raises a ValueError when `router_layer` is out of range or leaves nothing to skip.
     """
-    n_layers = len(decoder_layers(model))
+    blocks = decoder_layers(model)
+    n_layers = len(blocks)
     if isinstance(router_layer, bool) or not isinstance(router_layer, int) or not 0 <= router_layer < n_layers:
         raise ValueError(f"`router_layer` must be a block index in 0..{n_layers - 2} (this model has {n_layers} "
                          f"blocks), got {router_layer!r}.")
     types = attention_types(model.config, n_layers)
-    first_of_type = {types.index(kind) for kind in set(types)}
-    candidates = [i for i in range(router_layer + 1, n_layers) if i not in first_of_type]
+    static = set(statically_bypassed(blocks))
+    with_attention = [i for i in range(n_layers) if i not in static]
+    first_of_type = {next(i for i in with_attention if types[i] == kind)
+                     for kind in {types[i] for i in with_attention}}
+    candidates = [i for i in with_attention if i > router_layer and i not in first_of_type]
     if not candidates:
         raise ValueError(f"With router_layer={router_layer}, no attention sublayer is left to skip: the router must "
                          f"read an earlier block (this model has {n_layers} blocks; blocks that open an attention "
@@ -217,13 +225,16 @@ def make_adaptive(model: nn.Module, router: AttentionRouter) -> nn.Module:
     and a forward hook on block `router.router_layer` (routes and applies the skip set). Nothing is copied
     and no weight changes; `remove_adaptive` undoes it. Works with `generate()` (one skip set per batch;
     see the module docstring). Raises a ValueError for a router that does not fit the model, for a model that
-    already has a router, or for a model with statically bypassed blocks.
+    already has a router, or for a model inside `attention_skipped`. A model whose attention is bypassed
+    for good in some blocks (`utils.bypass.bypass_attention`) can take a router: those blocks are simply
+    not candidates (`skip_candidates`).
     """
     if getattr(model, "adaptive_bypass", None) is not None:
         raise ValueError("This model already has an adaptive router; call remove_adaptive(model) first.")
-    if bypassed_layers(model):
-        raise ValueError(f"Blocks {bypassed_layers(model)} are already bypassed (statically or inside "
-                         "attention_skipped); install the router on a model whose attention is complete.")
+    skipped = sorted(set(bypassed_layers(model)) - set(statically_bypassed(decoder_layers(model))))
+    if skipped:
+        raise ValueError(f"The attention of blocks {skipped} is skipped for now (inside attention_skipped); "
+                         "install the router outside that block.")
     check_router(model, router)
     blocks = decoder_layers(model)
     for index in sorted({i for layers in router.skip_sets.values() for i in layers}):
@@ -273,23 +284,37 @@ def save_adaptive(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     state = adaptive_state(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    skip_set = list(state.skip_set)
+    state.apply([])  # save the blocks under their own classes, whatever the last input chose
+    try:
+        if statically_bypassed(decoder_layers(model)):
+            save_bypassed(model, folder, tokenizer)
+        else:
+            model.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+    finally:
+        state.apply(skip_set)
     atomic_write_text(folder / ROUTER_FILE, json.dumps(state.router.to_dict()))
     return folder
 
 
 def load_adaptive(folder: str | Path, **kwargs) -> nn.Module:
     """Load a folder written by `save_adaptive`: `AutoModelForCausalLM.from_pretrained(folder, **kwargs)` in
-    eval mode with its router installed. Same logits and same routing decisions as the saved model."""
+    eval mode with its router installed (for a model also bypassed for good, the loader class of
+    `utils.bypass_modeling`, so no remote code runs). Same logits and routing decisions as the saved model."""
     from transformers import AutoModelForCausalLM
 
     path = Path(folder) / ROUTER_FILE
     if not path.is_file():
         raise ValueError(f"{folder} has no {ROUTER_FILE}: it was not saved by save_adaptive.")
     router = AttentionRouter.from_dict(json.loads(path.read_text()))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get(BYPASSED_LAYERS_KEY):  # also bypassed for good: the course's own loader class, no remote code
+        kwargs.pop("trust_remote_code", None)
+        model = AttentionBypassedForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
     return make_adaptive(model, router)
 
 

@@ -264,13 +264,17 @@ def linear_module_names(model: nn.Module) -> dict[str, list[str]]:
     """Names of the Linear modules inside a decoder block, grouped as "attention" and "mlp".
 
     These are the names peft's `target_modules` matches (the last part of a module's path, such as
-    "q_proj" or "down_proj"); the LM head lies outside the blocks and is never a target here.
+    "q_proj" or "down_proj"), collected over all blocks (block 0's attention may be bypassed); the LM head
+    lies outside the blocks and is never a target here.
     """
     groups: dict[str, list[str]] = {"attention": [], "mlp": []}
-    for path, module in decoder_layers(model)[0].named_modules():
-        if isinstance(module, nn.Linear):
-            group = "attention" if "attn" in path or "attention" in path else "mlp"
-            groups[group].append(path.rsplit(".", 1)[-1])
+    for block in decoder_layers(model):  # every block: a bypassed one has no attention projections at all
+        for path, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                group = "attention" if "attn" in path or "attention" in path else "mlp"
+                name = path.rsplit(".", 1)[-1]
+                if name not in groups[group]:
+                    groups[group].append(name)
     return groups
 
 
