@@ -243,7 +243,8 @@ def test_chapter_has_classroom_structure(path):
     texts = ["".join(cell["source"]) for cell in cells]
     assert any(cell["cell_type"] == "markdown" and text.startswith("## Before you start") for cell, text in zip(cells, texts)), \
         f"{path}: no '## Before you start' cell (objectives, prerequisites, time)"
-    assert any("glue(\"time_cpu\"" in text for text in texts), f"{path}: the time estimate is not read from the records"
+    assert any(cell["cell_type"] == "code" and "chapter_times-" in text for cell, text in zip(cells, texts)), \
+        f"{path}: the time estimate is not read from benchmarks/results/chapter_times-*.json"
     assert cells[-1]["cell_type"] == "markdown" and texts[-1].startswith("## Key takeaways"), \
         f"{path}: the last cell must be '## Key takeaways'"
     assert re.search(r"\]\([^)]+\)|\{doc\}", texts[-1]), f"{path}: the key takeaways must link forward"
@@ -266,7 +267,7 @@ def test_chapter_has_classroom_structure(path):
             assert "hide-input" in cell["metadata"].get("tags", []), f"{path}, exercise {number}: solution not hidden"
             assert solution.startswith("# Solution"), f"{path}, exercise {number}: solution must start with '# Solution'"
             name = CHECK_CALL.search(code[i][1]).group(1)
-            assert re.search(rf"assert {name}\(.*\)\.correct", solution), \
+            assert re.search(rf"assert {name}\(.*?\)\.correct", solution, re.DOTALL), \
                 f"{path}, exercise {number}: the solution must assert {name}(...).correct"
             assert hasattr(ex, name), f"{path}: utils.exercises has no {name}"
     assert checked >= 2, f"{path}: only {checked} checked exercises"
