@@ -21,6 +21,7 @@ from utils.serving import (
     decode_attention_matmul,
     prefill_report,
     python_hooks_suspended,
+    relation_to_ideal,
     served_decode_report,
     served_decode_step,
     step_bytes,
@@ -169,3 +170,11 @@ def test_bad_inputs(llama):
     with pytest.raises(ValueError, match="megabytes"):
         copy_bandwidth("cpu", 0)
     assert copy_bandwidth("cpu", 8, repeats=2) > 0
+
+
+def test_relation_to_ideal():
+    assert relation_to_ideal(1.31, 1.30) == "close to"
+    assert relation_to_ideal(1.285, 1.157) == "above"
+    assert relation_to_ideal(1.13, 1.43) == "below"
+    with pytest.raises(ValueError, match="tolerance"):
+        relation_to_ideal(0, 1.2)

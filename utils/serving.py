@@ -485,3 +485,14 @@ def prefill_report(models: Mapping[str, nn.Module], tokens: int = 4096, batch_si
         row["speedup_over_ideal"] = row["speedup"] / row["ideal_speedup"]
     return {"tokens": tokens, "batch_size": batch_size, "repeats": repeats, "warmup": warmup, "baseline": baseline,
             "card": peaks.get("card"), "bf16_flops_per_s": throughput, "models": rows}
+
+
+def relation_to_ideal(measured: float, ideal: float, tolerance: float = 0.05) -> str:
+    """The word a sentence may use for a measured speedup against its ideal: "close to" when the ratio
+    measured / ideal is within `tolerance` of 1, else "above" or "below" (the book's comparative words come
+    from here, not from the writer). Raises a ValueError for a non-positive speedup or tolerance."""
+    if not measured > 0 or not ideal > 0 or not 0 <= tolerance < 1:
+        raise ValueError(f"speedups must be > 0 and tolerance in [0, 1), got measured={measured!r}, ideal={ideal!r}, "
+                         f"tolerance={tolerance!r}.")
+    ratio = measured / ideal
+    return "close to" if abs(ratio - 1) <= tolerance else ("above" if ratio > 1 else "below")
