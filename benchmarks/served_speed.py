@@ -55,12 +55,12 @@ from utils.models import (
 from utils.routing import AttentionRouter, adaptive_state, make_adaptive
 from utils.serving import (
     card_peaks,
-    served_decode_step,
     compile_blocks,
     copy_bandwidth,
     device_name,
     prefill_report,
     served_decode_report,
+    served_decode_step,
     spread,
 )
 from utils.speed import interleaved_samples
