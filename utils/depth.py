@@ -10,13 +10,20 @@ The selection rules return lists of block indices of the unpruned model: `select
 `select_window`, and `select_by_importance` for any per-block score where a low score means "less
 important, remove first" (see `utils.importance` for scores).
 
+Two methods search instead of ranking once. `kl_swap_search` improves a removal set by swapping one removed
+block for a kept one while the KL divergence from the base model's next-token distribution falls
+(`removal_kl`). `replace_span` removes a span of consecutive blocks and trains one standard block of the
+model's own family in its place on the span's input and output hidden states (after LLM-Streamline,
+Chen et al. 2024); the result is an ordinary, smaller model. `select_window_by_distance` picks the window
+of smallest angular distance (Gromov et al. 2024); like every rule here, these never take the final block
+unless asked (`include_last=True`).
+
 Width pruning (narrower GLU MLPs) lives in `utils.width`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -26,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .batches import Batch, evaluating, ids_and_masks
 from .models import check_layer_indices, decoder_layers, layer_count, model_device, stack_configs
+from .training import check_training_arguments, train
 
 # Per-module attributes that hold a block's position in the stack; renumbered after a removal.
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_index", "layer_id")
@@ -432,9 +440,9 @@ def replace_span(model: nn.Module, start: int, n: int, batches: Sequence[Batch],
     The span's input and output hidden states are recorded on `batches` with the unpruned model; blocks
     start+1..start+n-1 are removed (`remove_layers`, a copy) and the remaining block `start`, a standard
     decoder block of the model's own family, is trained alone to map the span's input to the span's
-    output: AdamW at `lr` for `steps` steps, one recorded batch per step, on the mean squared error over
-    real tokens divided by the mean square of the target (so 1.0 means "no better than zeros"). Training
-    runs in float32 and the block is cast back to the model's dtype. The result is an ordinary model with
+    output with `utils.training.train` (AdamW at `lr`, cosine decay, `steps` steps of one recorded batch
+    each, float32 master weights) on the mean squared error over real tokens divided by the mean square of
+    the target (so 1.0 means "no better than zeros"). The result is an ordinary model with
     n_layers - n + 1 blocks (the parameter count of removing n - 1 blocks) that saves and reloads with
     plain transformers. Returns (pruned model, the loss of every step). The span may not take the final
     block unless `include_last=True`; the caller's model is unchanged.
@@ -448,11 +456,7 @@ def replace_span(model: nn.Module, start: int, n: int, batches: Sequence[Batch],
         hint = "" if include_last else " (a span may not take the final block unless include_last=True)"
         raise ValueError(f"`start` must be an integer in 0..{last_start} for a span of {n} of {n_layers} "
                          f"blocks{hint}, got {start!r}.")
-    for name, value in (("steps", steps),):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"`lr` must be a positive number, got {lr!r}.")
+    check_training_arguments(steps, lr)
     prepared = ids_and_masks(batches, model_device(model))
 
     blocks = decoder_layers(model)
@@ -479,36 +483,25 @@ def replace_span(model: nn.Module, start: int, n: int, batches: Sequence[Batch],
 
     pruned = remove_layers(model, list(range(start + 1, start + n)))
     block = decoder_layers(pruned)[start]
-    dtype = next(block.parameters()).dtype
-    block.float()
-    frozen = [(p, p.requires_grad) for p in pruned.parameters()]
+
+    def span_loss(trained: nn.Module, batch: Batch) -> torch.Tensor:
+        record = records[int(batch["record"][0])]
+        output = _block_output(block(*record["args"], **record["kwargs"])).float()
+        real, target = record["real"].to(output.device), record["target"].to(output.device)
+        return ((output - target)[real] ** 2).mean() / (target[real] ** 2).mean()
+
+    flags = [(p, p.requires_grad) for p in pruned.parameters()]
     for p in pruned.parameters():
         p.requires_grad_(False)
     for p in block.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(block.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    order = torch.randperm(steps * len(records), generator=torch.Generator().manual_seed(seed)) % len(records)
-    losses = []
-    was_training = block.training
-    block.train()
+    indexed = [{"input_ids": ids, "attention_mask": mask, "record": torch.tensor([i])}
+               for i, (ids, mask) in enumerate(prepared)]
     try:
-        for step in tqdm(range(steps), desc="training the replacement block", disable=not progress, leave=False):
-            record = records[int(order[step])]
-            args, kwargs = record["args"], dict(record["kwargs"])
-            output = _block_output(block(*args, **kwargs))
-            real, target = record["real"].to(output.device), record["target"].to(output.device)
-            loss = ((output - target)[real] ** 2).mean() / (target[real] ** 2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+        history = train(pruned, indexed, span_loss, steps=steps, lr=lr, shuffle=True, seed=seed,
+                        progress=progress, desc="training the replacement block")
     finally:
-        block.train(was_training)
-        block.to(dtype)
-        for p, flag in frozen:
+        for p, flag in flags:
             p.requires_grad_(flag)
     pruned.eval()
-    return pruned, losses
+    return pruned, history.column("loss")
