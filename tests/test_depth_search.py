@@ -10,6 +10,7 @@ from utils.data import calibration_batches
 from utils.depth import (kl_swap_search, reference_log_probs, removal_kl, replace_span,
                          select_window_by_distance)
 from utils.models import decoder_layers, tiny_model
+from utils.speed import timed_call
 
 PROMPT = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
 
@@ -120,3 +121,11 @@ def test_replace_span_errors_say_what_is_wrong():
         replace_span(model, 0, 2, batches, lr=-1.0, progress=False)
     replaced, _ = replace_span(model, 2, 2, batches, steps=1, include_last=True, progress=False)
     assert len(decoder_layers(replaced)) == 3
+
+
+def test_timed_call_returns_the_result_and_both_clocks():
+    result, seconds = timed_call(lambda: sum(i * i for i in range(200_000)))
+    assert result == sum(i * i for i in range(200_000))
+    assert seconds["wall_s"] > 0 and seconds["cpu_s"] > 0
+    with pytest.raises(ValueError, match="callable"):
+        timed_call(3)
