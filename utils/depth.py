@@ -433,7 +433,7 @@ def _block_output(output) -> torch.Tensor:
 
 
 def replace_span(model: nn.Module, start: int, n: int, batches: Sequence[Batch], steps: int = 200,
-                 lr: float = 3e-4, include_last: bool = False, seed: int = 0,
+                 lr: float = 1e-3, include_last: bool = False, seed: int = 0,
                  progress: bool = True) -> tuple[nn.Module, list[float]]:
     """Replace blocks start..start+n-1 by one trained block (in the spirit of LLM-Streamline).
 
