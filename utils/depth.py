@@ -10,6 +10,14 @@ The selection rules return lists of block indices of the unpruned model: `select
 `select_window`, and `select_by_importance` for any per-block score where a low score means "less
 important, remove first" (see `utils.importance` for scores).
 
+Two methods search instead of ranking once. `kl_swap_search` improves a removal set by swapping one removed
+block for a kept one while the KL divergence from the base model's next-token distribution falls
+(`removal_kl`). `replace_span` removes a span of consecutive blocks and trains one standard block of the
+model's own family in its place on the span's input and output hidden states (after LLM-Streamline,
+Chen et al. 2024); the result is an ordinary, smaller model. `select_window_by_distance` picks the window
+of smallest angular distance (Gromov et al. 2024); like every rule here, these never take the final block
+unless asked (`include_last=True`).
+
 Width pruning (narrower GLU MLPs) lives in `utils.width`.
 """
 
@@ -21,7 +29,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .batches import Batch, evaluating, ids_and_masks
 from .bypass_modeling import (
     BYPASSED_LAYERS_KEY,
     attention_types,
@@ -29,7 +39,8 @@ from .bypass_modeling import (
     check_attention_remains,
     statically_bypassed,
 )
-from .models import check_layer_indices, decoder_layers, layer_count, stack_configs
+from .models import check_layer_indices, decoder_layers, layer_count, model_device, stack_configs
+from .training import check_training_arguments, train
 
 # Per-module attributes that hold a block's position in the stack; renumbered after a removal.
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_index", "layer_id")
@@ -305,3 +316,226 @@ def select_by_importance(scores: torch.Tensor | Sequence[float], n: int, protect
         raise ValueError(f"Cannot remove {n} non-adjacent blocks: the {len(candidates)} removable blocks "
                          f"(indices {candidates[0]}..{candidates[-1]}) allow at most {most}.")
     return sorted(_lowest_non_adjacent(values, candidates, n))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Selections that search, and a span replaced by one trained block
+# ---------------------------------------------------------------------------------------------------
+
+def select_window_by_distance(distances: torch.Tensor | Sequence[float], n: int,
+                              include_last: bool = False) -> list[int]:
+    """The window of `n` consecutive blocks with the smallest distance, never the final block unless asked.
+
+    `distances` holds one value per window start, as `utils.importance.angular_distance` returns them
+    (n_layers - n + 1 entries; entry l is the window l..l+n-1). On some models the most similar window is
+    the last one, which is the worst possible choice (the final block writes the stream that the head
+    reads); so by default a window that takes the final block is not considered, and `include_last=True`
+    allows it. Raises a ValueError when the distances are not a finite 1-D list or `n` cannot be removed.
+    """
+    values = torch.as_tensor(distances, dtype=torch.float64).detach().cpu()
+    if values.dim() != 1 or len(values) == 0 or not torch.isfinite(values).all():
+        raise ValueError(f"`distances` must be a non-empty 1-D sequence of finite numbers (one per window "
+                         f"start), got shape {tuple(values.shape)}.")
+    n_layers = len(values) + n - 1
+    _check_count(n, n_layers)
+    starts = len(values) if include_last else len(values) - 1  # n < n_layers leaves at least 2 starts
+    start = int(torch.argmin(values[:starts]))
+    return list(range(start, start + n))
+
+
+def reference_log_probs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """The model's next-token log-probabilities on `batches`, kept to compare pruned models against.
+
+    One tensor per batch, [rows, tokens - 1, vocab] in float32 on the model's device, for the positions
+    that predict a real token (the mask is applied by `removal_kl`). Memory: 4 bytes x tokens x vocab, so
+    keep calibration small (8 x 128 tokens of a 49k-word vocabulary is about 200 MB).
+    """
+    prepared = ids_and_masks(batches, model_device(model))
+    reference = []
+    with evaluating(model):
+        for ids, mask in prepared:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            reference.append(torch.log_softmax(logits.float(), dim=-1))
+    return reference
+
+
+def removal_kl(model: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor],
+               indices: Sequence[int] = ()) -> float:
+    """Mean KL(base || pruned) of the next-token distribution, per real predicted token, in nats.
+
+    `reference` comes from `reference_log_probs(model, batches)` on the unpruned model. With `indices`,
+    those blocks are removed temporarily (`layers_removed`) while the pruned model is scored; with none,
+    the model is scored as it is (0 for the model that made the reference). A selection with a low KL
+    keeps the base model's predictions, which is what the chapter's held-out perplexity then checks.
+    """
+    prepared = ids_and_masks(batches, model_device(model))
+    if len(reference) != len(prepared):
+        raise ValueError(f"`reference` has {len(reference)} entries but `batches` has {len(prepared)}: "
+                         "compute it with reference_log_probs(model, batches) on the same batches.")
+
+    def score() -> float:
+        total, count = 0.0, 0
+        with evaluating(model):
+            for (ids, mask), base in zip(prepared, reference):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+                log_q = torch.log_softmax(logits.float(), dim=-1)
+                base = base.to(log_q.device)
+                kl = (base.exp() * (base - log_q)).sum(-1)
+                real = (mask[:, :-1] * mask[:, 1:]).bool().to(kl.device)
+                total += float(kl[real].sum(dtype=torch.float64))
+                count += int(real.sum())
+        if count == 0:
+            raise ValueError("The batches have no token to predict: each row needs at least 2 real tokens.")
+        return total / count
+
+    if len(indices) == 0:
+        return score()
+    with layers_removed(model, indices):
+        return score()
+
+
+def kl_swap_search(model: nn.Module, batches: Sequence[Batch], start: Sequence[int], radius: int | None = 2,
+                   max_evaluations: int = 40, protect_first: int = 0, include_last: bool = False,
+                   reference: Sequence[torch.Tensor] | None = None,
+                   progress: bool = True) -> dict[str, object]:
+    """Improve a removal set by local search: swap one removed block for a kept one while the KL falls.
+
+    Starting from `start` (the best one-shot selection, say), every move puts one removed block back and
+    removes one kept block instead, at most `radius` positions away (None: any kept block); moves are tried
+    nearest first and the first that lowers `removal_kl` is taken, until no move helps or
+    `max_evaluations` candidate sets have been scored. The first `protect_first` blocks, and the final
+    block unless `include_last=True`, are never removed. Returns {"blocks": the best set (sorted),
+    "kl": its KL, "start_kl": the KL of `start`, "evaluations": sets scored, "history": one row per
+    accepted move}. The model is unchanged afterwards. Costs one forward pass over `batches` per
+    evaluation (plus one for the reference, unless `reference` is passed).
+    """
+    n_layers = len(decoder_layers(model))
+    current = sorted(_removal_indices(model, start))
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 1):
+        raise ValueError(f"`radius` must be an integer >= 1 or None (any block), got {radius!r}.")
+    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
+        raise ValueError(f"`max_evaluations` must be an integer >= 1, got {max_evaluations!r}.")
+    allowed = set(removable_layers(n_layers, len(current), protect_first, 0 if include_last else 1))
+    outside = sorted(set(current) - allowed)
+    if outside:
+        raise ValueError(f"`start` removes blocks {outside}, which this search may not remove (protect_first="
+                         f"{protect_first}, include_last={include_last}); allowed: {min(allowed)}..{max(allowed)}.")
+    if reference is None:
+        reference = reference_log_probs(model, batches)
+    best = removal_kl(model, batches, reference, current)
+    result: dict[str, object] = {"start_kl": best, "history": [{"evaluations": 1, "blocks": list(current), "kl": best}]}
+    evaluations = 1
+    bar = tqdm(total=max_evaluations, desc="KL swap search", disable=not progress, leave=False)
+    bar.update(1)
+    improved = True
+    while improved and evaluations < max_evaluations:
+        improved = False
+        moves = [(abs(out - into), out, into) for out in current for into in sorted(allowed - set(current))
+                 if radius is None or abs(out - into) <= radius]
+        for _, out, into in sorted(moves):
+            if evaluations >= max_evaluations:
+                break
+            candidate = sorted((set(current) - {out}) | {into})
+            kl = removal_kl(model, batches, reference, candidate)
+            evaluations += 1
+            bar.update(1)
+            if kl < best:
+                best, current, improved = kl, candidate, True
+                result["history"].append({"evaluations": evaluations, "blocks": list(current), "kl": kl})
+                bar.set_postfix(kl=f"{kl:.4f}")
+                break
+    bar.close()
+    result.update(blocks=list(current), kl=best, evaluations=evaluations)
+    return result
+
+
+def _detached(value):
+    """`value` with every tensor inside (tuples, lists, dicts) detached and floating ones made float32."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _block_output(output) -> torch.Tensor:
+    """A decoder block's hidden states, whether the block returns a tensor or a tuple that starts with it."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def replace_span(model: nn.Module, start: int, n: int, batches: Sequence[Batch], steps: int = 200,
+                 lr: float = 1e-3, include_last: bool = False, seed: int = 0,
+                 progress: bool = True) -> tuple[nn.Module, list[float]]:
+    """Replace blocks start..start+n-1 by one trained block (in the spirit of LLM-Streamline).
+
+    The span's input and output hidden states are recorded on `batches` with the unpruned model; blocks
+    start+1..start+n-1 are removed (`remove_layers`, a copy) and the remaining block `start`, a standard
+    decoder block of the model's own family, is trained alone to map the span's input to the span's
+    output with `utils.training.train` (AdamW at `lr`, cosine decay, `steps` steps of one recorded batch
+    each, float32 master weights) on the mean squared error over real tokens divided by the mean square of
+    the target (so 1.0 means "no better than zeros"). The result is an ordinary model with
+    n_layers - n + 1 blocks (the parameter count of removing n - 1 blocks) that saves and reloads with
+    plain transformers. Returns (pruned model, the loss of every step). The span may not take the final
+    block unless `include_last=True`; the caller's model is unchanged.
+    """
+    n_layers = len(decoder_layers(model))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"`n` must be an integer >= 2 (a span of at least two blocks, replaced by one), got {n!r}.")
+    _check_count(n, n_layers)
+    last_start = n_layers - n if include_last else n_layers - n - 1
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= last_start:
+        hint = "" if include_last else " (a span may not take the final block unless include_last=True)"
+        raise ValueError(f"`start` must be an integer in 0..{last_start} for a span of {n} of {n_layers} "
+                         f"blocks{hint}, got {start!r}.")
+    check_training_arguments(steps, lr)
+    prepared = ids_and_masks(batches, model_device(model))
+
+    blocks = decoder_layers(model)
+    records: list[dict] = []
+    current: dict = {}
+
+    def keep_input(module, args, kwargs):
+        current["args"], current["kwargs"] = _detached(args), _detached(kwargs)
+
+    def keep_output(module, args, output):
+        current["target"] = _block_output(output).detach().float()
+
+    handles = [blocks[start].register_forward_pre_hook(keep_input, with_kwargs=True),
+               blocks[start + n - 1].register_forward_hook(keep_output)]
+    try:
+        with evaluating(model):
+            for ids, mask in prepared:
+                current.clear()
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                records.append({**current, "real": mask.bool()})
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    pruned = remove_layers(model, list(range(start + 1, start + n)))
+    block = decoder_layers(pruned)[start]
+
+    def span_loss(trained: nn.Module, batch: Batch) -> torch.Tensor:
+        record = records[int(batch["record"][0])]
+        output = _block_output(block(*record["args"], **record["kwargs"])).float()
+        real, target = record["real"].to(output.device), record["target"].to(output.device)
+        return ((output - target)[real] ** 2).mean() / (target[real] ** 2).mean()
+
+    flags = [(p, p.requires_grad) for p in pruned.parameters()]
+    for p in pruned.parameters():
+        p.requires_grad_(False)
+    for p in block.parameters():
+        p.requires_grad_(True)
+    indexed = [{"input_ids": ids, "attention_mask": mask, "record": torch.tensor([i])}
+               for i, (ids, mask) in enumerate(prepared)]
+    try:
+        history = train(pruned, indexed, span_loss, steps=steps, lr=lr, shuffle=True, seed=seed,
+                        progress=progress, desc="training the replacement block")
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    pruned.eval()
+    return pruned, history.column("loss")

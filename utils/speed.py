@@ -236,3 +236,20 @@ def prefill_flops(model: nn.Module, tokens: int, batch_size: int = 1, all_logits
     attention = 2 * 2 * tokens * tokens / 2 * shape["heads"] * shape["head dim"] * attention_layer_count(model)
     lm_head = 2 * head * (tokens if all_logits else 1)
     return float(batch_size * (2 * linear * tokens + attention + lm_head))
+
+
+def timed_call(function: Callable[[], object]) -> tuple[object, dict[str, float]]:
+    """Run `function()` once and return (its result, {"wall_s": ..., "cpu_s": ...}).
+
+    For one-off costs such as a selection method's search, where repeating the work to take a median
+    would cost as much as the work: wall-clock seconds (the device synchronized before each clock read)
+    and this process's CPU seconds (all its threads), so that a run on a shared, loaded machine can be
+    read by its CPU time when its wall time is inflated by other processes.
+    """
+    if not callable(function):
+        raise ValueError(f"`function` must be callable with no arguments (use a lambda), got {type(function).__name__}.")
+    synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function()
+    synchronize()
+    return result, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
