@@ -11,6 +11,10 @@ describes the model and it saves and loads with plain `from_pretrained`.
 - Pruning: `target_intermediate_size` turns a percent, a width or an expansion ratio into the width to
   keep (rounded to a multiple that fast matrix kernels like); `prune_glu_width` keeps the best neurons;
   `refit_down_proj` optionally re-fits down_proj by least squares to make up for the removed ones.
+- Published criteria: `literature_neuron_importance` (FLAP's fluctuation, Wanda-style weight x activation
+  norm), `taylor_neuron_importance` (first-order Taylor estimate of the loss change, LLM-Pruner), and
+  `prune_glu_width_with_bias` (FLAP's bias that replaces the removed neurons' mean output, stored as
+  `config.mlp_bias` so the model still reloads with plain `from_pretrained`).
 """
 
 from __future__ import annotations
