@@ -303,16 +303,16 @@ def literature_neuron_importance(model: nn.Module, statistics: dict[str, torch.T
     return (mean_square.sqrt() * torch.stack([d.abs().sum(0) for d in downs]).double()).float()
 
 
-def taylor_neuron_importance(model: nn.Module, batches: Sequence[Batch], aggregate: str = "sum",
+def taylor_neuron_importance(model: nn.Module, batches: Sequence[Batch], aggregate: str = "squares",
                              progress: bool = True) -> torch.Tensor:
     """First-order Taylor estimate of how much the loss changes when each GLU neuron is removed; high = keep.
 
     Removing neuron j zeroes column j of down_proj, so to first order the next-token loss changes by
     -sum_i W_ij dL/dW_ij (LLM-Pruner, Ma et al. 2023). One forward and backward pass per calibration batch
     (only the down_proj weights get gradients; the model's parameters and mode are restored afterwards).
-    `aggregate="sum"` takes |that| with the gradient of the loss over all batches together (LLM-Pruner);
-    `"squares"` averages its square over the batches (Molchanov et al. 2019), which does not let batches
-    cancel. Returns Tensor[n_layers, intermediate_size].
+    `aggregate="squares"` (the default) averages its square over the batches (Molchanov et al. 2019), so
+    batches do not cancel; `"sum"` takes |that| with the gradient of the loss over all batches together
+    (LLM-Pruner). Returns Tensor[n_layers, intermediate_size].
     """
     if aggregate not in ("sum", "squares"):
         raise ValueError(f"`aggregate` must be 'sum' or 'squares', got {aggregate!r}.")
