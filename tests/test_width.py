@@ -152,3 +152,105 @@ def test_models_without_a_glu_mlp_are_refused(mlp, message):
         static_neuron_importance(model)
     with pytest.raises(ValueError, match=message):
         prune_glu_width(model, torch.ones(4, 128), percent=10)
+
+
+# --- published criteria: FLAP, Wanda-style, first-order Taylor, bias compensation -------------------------
+
+from utils.width import (LITERATURE_NEURON_METHODS, literature_neuron_importance,  # noqa: E402
+                         prune_glu_width_with_bias, taylor_neuron_importance)
+
+
+def test_literature_and_taylor_scores_on_every_family(tiny, tmp_path):
+    name, model, tokenizer = tiny
+    batches = _batches(tokenizer)
+    statistics = activation_statistics(model, batches, progress=False)
+    shape = (model.config.num_hidden_layers, model.config.intermediate_size)
+    flags = [p.requires_grad for p in model.parameters()]
+    for scores in [literature_neuron_importance(model, statistics, method) for method in LITERATURE_NEURON_METHODS] + \
+                  [taylor_neuron_importance(model, batches, aggregate, progress=False) for aggregate in ("sum", "squares")]:
+        assert scores.shape == shape and torch.isfinite(scores).all() and (scores >= 0).all() and scores.max() > 0
+        pruned = prune_glu_width(model, scores, percent=25)
+        assert pruned.config.intermediate_size == 96
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training  # restored
+    assert all(p.grad is None for p in model.parameters())
+    if "mlp_bias" not in model.config.to_dict():  # the family cannot store an MLP bias: a clear refusal
+        with pytest.raises(ValueError, match="no `mlp_bias`"):
+            prune_glu_width_with_bias(model, scores, statistics["mean"], percent=25)
+        return
+    compensated = prune_glu_width_with_bias(model, scores, statistics["mean"], percent=25)
+    assert compensated.config.mlp_bias and not model.config.mlp_bias  # base untouched
+    compensated.save_pretrained(tmp_path / name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=compensated.dtype)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert torch.equal(_logits(compensated, ids), _logits(reloaded, ids))
+
+
+def test_flap_is_the_fluctuation_and_wanda_the_weighted_norm():
+    model, tokenizer = tiny_model("tiny-llama")
+    statistics = activation_statistics(model, _batches(tokenizer), progress=False)
+    down = glu_projections(decoder_layers(model)[2])[2].weight.float()
+    variance = statistics["mean_square"][2].double() - statistics["mean"][2].double() ** 2
+    torch.testing.assert_close(literature_neuron_importance(model, statistics, "flap")[2].double(),
+                               variance.clamp_min(0) * down.pow(2).sum(0).double(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(literature_neuron_importance(model, statistics, "wanda")[2],
+                               statistics["mean_square"][2].sqrt() * down.abs().sum(0), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="Unknown method 'magic'"):
+        literature_neuron_importance(model, statistics, "magic")
+    with pytest.raises(ValueError, match="lacks"):
+        literature_neuron_importance(model, {"mean_abs": statistics["mean_abs"]}, "flap")
+
+
+def test_taylor_predicts_the_loss_change_of_removing_one_neuron():
+    model, tokenizer = tiny_model("tiny-llama")
+    batch = _batches(tokenizer, n=2, length=24)[:1]
+    signed = taylor_neuron_importance(model, batch, "sum", progress=False)
+    assert model.training is False and all(p.grad is None for p in model.parameters())
+    labels = batch[0]["input_ids"].masked_fill(batch[0]["attention_mask"] == 0, -100)
+
+    def loss(candidate):
+        with torch.no_grad():
+            return float(candidate(**batch[0], labels=labels).loss)
+
+    base = loss(model)
+    layer, neuron = divmod(int(torch.argmax(signed)), signed.shape[1])
+    down = glu_projections(decoder_layers(model)[layer])[2]
+    saved = down.weight[:, neuron].clone()
+    with torch.no_grad():
+        down.weight[:, neuron] = 0
+    change = abs(loss(model) - base)
+    with torch.no_grad():
+        down.weight[:, neuron] = saved
+    assert change == pytest.approx(float(signed[layer, neuron]), rel=0.5)  # first order, on the largest neuron
+    with pytest.raises(ValueError, match="aggregate"):
+        taylor_neuron_importance(model, batch, "mean")
+    with pytest.raises(ValueError, match="empty"):
+        taylor_neuron_importance(model, [])
+
+
+def test_bias_compensation_restores_the_mean_output():
+    model, tokenizer = tiny_model("tiny-llama")
+    batches = _batches(tokenizer, n=16, length=32)
+    statistics = activation_statistics(model, batches, gram=True, progress=False)
+    scores = literature_neuron_importance(model, statistics, "flap")
+    plain = prune_glu_width(model, scores, percent=50)
+    compensated = prune_glu_width_with_bias(model, scores, statistics["mean"], percent=50)
+    refitted = prune_glu_width_with_bias(model, scores, statistics["mean"], percent=50, gram=statistics["gram"])
+    with capture_activations(model, points=("mlp_in",)) as captured:
+        for batch in batches:
+            model(**batch)
+    masks = torch.cat([b["attention_mask"].reshape(-1) for b in batches]).bool()
+
+    def mean_error(candidate, layer):  # mean MLP output over the real tokens, against the unpruned MLP's
+        with torch.no_grad():
+            x = captured.stacked("mlp_in", layer).reshape(-1, model.config.hidden_size)[masks]
+            difference = decoder_layers(candidate)[layer].mlp(x) - decoder_layers(model)[layer].mlp(x)
+            return float(difference.mean(0).norm()), float(difference.pow(2).mean())
+
+    for layer in range(model.config.num_hidden_layers):
+        assert mean_error(compensated, layer)[0] < 1e-4 + 0.01 * mean_error(plain, layer)[0]
+        assert mean_error(refitted, layer)[1] <= mean_error(compensated, layer)[1] * 1.001
+    with pytest.raises(ValueError, match="`mean` must have shape"):
+        prune_glu_width_with_bias(model, scores, statistics["mean"][:2], percent=50)
+    with pytest.raises(ValueError, match="ridge"):
+        prune_glu_width_with_bias(model, scores, statistics["mean"], percent=50, ridge=-1.0)
+    assert not model.config.mlp_bias and glu_projections(decoder_layers(model)[0])[2].bias is None

@@ -11,6 +11,10 @@ describes the model and it saves and loads with plain `from_pretrained`.
 - Pruning: `target_intermediate_size` turns a percent, a width or an expansion ratio into the width to
   keep (rounded to a multiple that fast matrix kernels like); `prune_glu_width` keeps the best neurons;
   `refit_down_proj` optionally re-fits down_proj by least squares to make up for the removed ones.
+- Published criteria: `literature_neuron_importance` (FLAP's fluctuation, Wanda-style weight x activation
+  norm), `taylor_neuron_importance` (first-order Taylor estimate of the loss change, LLM-Pruner), and
+  `prune_glu_width_with_bias` (FLAP's bias that replaces the removed neurons' mean output, stored as
+  `config.mlp_bias` so the model still reloads with plain `from_pretrained`).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
                           progress: bool = True) -> dict[str, torch.Tensor]:
     """Statistics of every GLU neuron's activation act(gate) * up over the real tokens of `batches`.
 
-    One forward pass with a hook on every down_proj input. Returns "mean_abs" and "mean_square",
+    One forward pass with a hook on every down_proj input. Returns "mean" (signed), "mean_abs" and "mean_square",
     Tensor[n_layers, intermediate_size], and "tokens"; with `gram=True` also "gram", the per-layer matrix
     A^T A / tokens of the activations (Tensor[n_layers, intermediate, intermediate], float64), which is what
     re-fitting down_proj by least squares needs (`utils.width.refit_down_proj`).
@@ -72,6 +76,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
     width = glu_projections(blocks[0])[2].in_features
     device = model_device(model)
     prepared = ids_and_masks(batches, device)
+    mean = torch.zeros(n_layers, width, dtype=torch.float64)
     mean_abs = torch.zeros(n_layers, width, dtype=torch.float64)
     mean_square = torch.zeros(n_layers, width, dtype=torch.float64)
     grams = torch.zeros(n_layers, width, width, dtype=torch.float64) if gram else None
@@ -79,6 +84,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
 
     def on_capture(point: str, layer: int, activation: torch.Tensor) -> None:
         real = activation[current["real"].to(activation.device)].float()
+        mean[layer] += real.sum(0, dtype=torch.float64).cpu()
         mean_abs[layer] += real.abs().sum(0, dtype=torch.float64).cpu()
         mean_square[layer] += real.pow(2).sum(0, dtype=torch.float64).cpu()
         if grams is not None:
@@ -90,7 +96,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
             current["real"] = mask.bool()
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             tokens += int(mask.sum())
-    result = {"mean_abs": (mean_abs / tokens).float(), "mean_square": (mean_square / tokens).float(), "tokens": tokens}
+    result = {"mean": (mean / tokens).float(), "mean_abs": (mean_abs / tokens).float(), "mean_square": (mean_square / tokens).float(), "tokens": tokens}
     if grams is not None:
         result["gram"] = grams / tokens
     return result
@@ -261,3 +267,152 @@ def refit_down_proj(model: nn.Module, gram: torch.Tensor, kept: Sequence[torch.T
             solution = torch.linalg.solve(g_kk + lam * torch.eye(len(index), dtype=torch.float64), rhs)
             down = glu_projections(block)[2]
             down.weight.data.copy_(solution.T.to(down.weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Published criteria: FLAP (fluctuation + bias compensation), Wanda-style, first-order Taylor, iterative
+# ---------------------------------------------------------------------------------------------------
+
+LITERATURE_NEURON_METHODS = ("flap", "wanda")
+
+
+def literature_neuron_importance(model: nn.Module, statistics: dict[str, torch.Tensor],
+                                 method: str = "flap") -> torch.Tensor:
+    """Neuron scores of two published pruning criteria from one `activation_statistics` pass; high = keep.
+
+    "flap" (FLAP, An et al. 2024): the fluctuation of the neuron's activation a_j over the calibration
+    tokens times its down_proj column's squared norm, Var(a_j) * ||W[:, j]||^2. What stays constant can be
+    replaced by a bias (`prune_glu_width_with_bias`), so only the part that varies is at risk. "wanda"
+    (Wanda, Sun et al. 2024, applied per neuron): the activation's L2 norm over the tokens times the L1 norm
+    of the down_proj column, sum_i |W_ij| * ||a_j||. Returns Tensor[n_layers, intermediate_size].
+    """
+    if method not in LITERATURE_NEURON_METHODS:
+        raise ValueError(f"Unknown method {method!r}; known: {', '.join(LITERATURE_NEURON_METHODS)}.")
+    missing = [key for key in ("mean", "mean_square") if key not in statistics]
+    if missing:
+        raise ValueError(f"`statistics` lacks {missing}: pass the result of utils.width.activation_statistics.")
+    with torch.no_grad():
+        downs = [glu_projections(layer)[2].weight.float().cpu() for layer in decoder_layers(model)]
+    if tuple(statistics["mean"].shape) != (len(downs), downs[0].shape[1]):
+        raise ValueError(f"`statistics` are for shape {tuple(statistics['mean'].shape)}, the model has "
+                         f"({len(downs)}, {downs[0].shape[1]}) neurons: compute them on this model.")
+    mean, mean_square = statistics["mean"].double(), statistics["mean_square"].double()
+    if method == "flap":
+        variance = (mean_square - mean.pow(2)).clamp_min(0)
+        return (variance * torch.stack([d.pow(2).sum(0) for d in downs]).double()).float()
+    return (mean_square.sqrt() * torch.stack([d.abs().sum(0) for d in downs]).double()).float()
+
+
+def taylor_neuron_importance(model: nn.Module, batches: Sequence[Batch], aggregate: str = "squares",
+                             progress: bool = True) -> torch.Tensor:
+    """First-order Taylor estimate of how much the loss changes when each GLU neuron is removed; high = keep.
+
+    Removing neuron j zeroes column j of down_proj, so to first order the next-token loss changes by
+    -sum_i W_ij dL/dW_ij (LLM-Pruner, Ma et al. 2023). One forward and backward pass per calibration batch
+    (only the down_proj weights get gradients; the model's parameters and mode are restored afterwards).
+    `aggregate="squares"` (the default) averages its square over the batches (Molchanov et al. 2019), so
+    batches do not cancel; `"sum"` takes |that| with the gradient of the loss over all batches together
+    (LLM-Pruner). Returns Tensor[n_layers, intermediate_size].
+    """
+    if aggregate not in ("sum", "squares"):
+        raise ValueError(f"`aggregate` must be 'sum' or 'squares', got {aggregate!r}.")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`batches` is empty: the Taylor scores need at least one calibration batch.")
+    downs = [glu_projections(layer)[2] for layer in decoder_layers(model)]
+    device = model_device(model)
+    prepared = ids_and_masks(batches, device)
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    training = model.training
+    per_batch, weights = [], []
+    try:
+        model.eval()
+        for parameter in flags:
+            parameter.requires_grad_(False)
+        for down in downs:
+            down.weight.requires_grad_(True)
+        for ids, mask in tqdm(prepared, desc="Taylor scores", disable=not progress, leave=False):
+            labels = ids.masked_fill(mask == 0, -100)
+            targets = int((labels[:, 1:] != -100).sum())
+            if targets == 0:
+                continue
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            gradients = torch.autograd.grad(loss, [down.weight for down in downs])
+            with torch.no_grad():
+                per_batch.append(torch.stack([(down.weight.float() * g.float()).sum(0).cpu()
+                                              for down, g in zip(downs, gradients)]).double())
+            weights.append(targets)
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+        model.train(training)
+    if not per_batch:
+        raise ValueError("`batches` hold no next-token targets (every row has fewer than 2 real tokens).")
+    share = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    stacked = torch.stack(per_batch)  # (batches, layers, width): each batch's first-order change
+    if aggregate == "sum":
+        return (stacked * share[:, None, None]).sum(0).abs().float()
+    return (stacked.pow(2) * share[:, None, None]).sum(0).float()
+
+
+def prune_glu_width_with_bias(model: nn.Module, scores: torch.Tensor, mean: torch.Tensor,
+                              percent: float | None = None, intermediate_size: int | None = None,
+                              expansion_ratio: float | None = None, multiple: int = 1,
+                              gram: torch.Tensor | None = None, ridge: float = 1e-3,
+                              inplace: bool = False) -> nn.Module:
+    """Prune like `prune_glu_width`, then give down_proj a bias that replaces the removed neurons' mean output.
+
+    FLAP's compensation (An et al. 2024): on calibration text neuron j sends on average mean_j * W[:, j],
+    so the removed neurons' mean output sum_{j removed} W[:, j] mean_j becomes down_proj's bias. `mean` is
+    `activation_statistics(...)["mean"]` on the unpruned model. With `gram` (from the same call with
+    `gram=True`) the kept columns are also re-fitted by least squares on the centred activations, the best
+    affine replacement of the full MLP output on the calibration tokens. The bias is stored the way the
+    family's config says: `config.mlp_bias = True` (gate and up get zero biases), so the model saves and
+    reloads exactly with plain `from_pretrained`. Families whose config has no `mlp_bias` (in transformers
+    5: Qwen2, Qwen3, Gemma3, Mistral) cannot store it: a ValueError says so before anything changes.
+    """
+    blocks = decoder_layers(model)
+    configs = stack_configs(model, len(blocks))
+    if not configs or not all("mlp_bias" in config.to_dict() for config in configs):
+        raise ValueError(f"{type(model).__name__}'s config has no `mlp_bias`, so a compensating down_proj bias "
+                         "would not survive save and reload; use prune_glu_width (no bias) for this family.")
+    width = glu_projections(blocks[0])[2].in_features
+    mean = torch.as_tensor(mean)
+    if tuple(mean.shape) != (len(blocks), width):
+        raise ValueError(f"`mean` must have shape ({len(blocks)}, {width}) (activation_statistics(...)['mean']), "
+                         f"got {tuple(mean.shape)}.")
+    scores = torch.as_tensor(scores)
+    if tuple(scores.shape) != (len(blocks), width):
+        raise ValueError(f"`scores` must have shape ({len(blocks)}, {width}), got {tuple(scores.shape)}.")
+    if ridge < 0:
+        raise ValueError(f"`ridge` must be >= 0, got {ridge}.")
+    keep = target_intermediate_size(width, configs[0].hidden_size, percent, intermediate_size, expansion_ratio,
+                                    multiple)
+    kept = neurons_to_keep(scores, keep)
+    original = [glu_projections(block)[2] for block in blocks]
+    original_down = [down.weight.detach().clone() for down in original]
+    original_bias = [down.bias.detach().clone() if down.bias is not None else None for down in original]
+    pruned = prune_glu_width(model, scores, intermediate_size=keep, inplace=inplace)
+    if gram is not None:
+        m = mean.double()
+        centred = gram.double() - m[:, :, None] * m[:, None, :]
+        refit_down_proj(pruned, centred, kept, original_down, ridge=ridge)
+    with torch.no_grad():
+        for block, index, weight, bias, m in zip(decoder_layers(pruned), kept, original_down, original_bias, mean):
+            gate, up, down = glu_projections(block)
+            full = weight.double().cpu() @ m.double()  # the full MLP's mean output on calibration text
+            now = down.weight.double().cpu() @ m.double()[index.cpu()]  # what the kept columns give
+            compensation = full - now + (bias.double().cpu() if bias is not None else 0)
+            for name, linear, value in (("gate_proj", gate, None), ("up_proj", up, None), ("down_proj", down, compensation)):
+                if linear.bias is None:
+                    new = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                                    device=linear.weight.device, dtype=linear.weight.dtype)
+                    new.weight.data.copy_(linear.weight.data)
+                    new.bias.data.zero_()
+                    setattr(block.mlp, name, new)
+                    linear = new
+                if value is not None:
+                    linear.bias.data.copy_(value.to(linear.bias.dtype))
+    for config in stack_configs(pruned, len(blocks)):
+        config.mlp_bias = True
+    return pruned
