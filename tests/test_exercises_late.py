@@ -46,6 +46,7 @@ def test_ch06_merged_weight() -> None:
 
 def test_ch06_adapter_megabytes_and_rank_ratio() -> None:
     assert check_ch06_adapter_megabytes(4.0, 1_000_000, 4.05).correct
+    assert check_ch06_adapter_megabytes(0.08, 20_000, 0.11).correct  # a tiny adapter: the header weighs
     assert caught(check_ch06_adapter_megabytes(2.0, 1_000_000, 4.05), "float32")
     assert caught(check_ch06_adapter_megabytes(4_000_000, 1_000_000, 4.05), "unit")
     assert caught(check_ch06_adapter_megabytes(None, 1_000_000, 4.05), "None")

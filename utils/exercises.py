@@ -149,7 +149,7 @@ def check_ch06_merged_weight(merge: object) -> Feedback:
 
 def check_ch06_adapter_megabytes(answer: object, trainable: int, measured_mb: float) -> Feedback:
     """Exercise: predict the adapter's size on disk (MB) from its trainable parameters; `measured_mb` is the
-    size of the saved adapter. Within 10% counts; half of it (2 bytes a parameter) is diagnosed."""
+    size of the saved adapter. Within 10% (or 0.05 MB) counts; half of it (2 bytes a parameter) is diagnosed."""
     measured_mb = _measured_positive("measured_mb", measured_mb)
     trainable = int(_measured_positive("trainable", trainable))
     missing = _answer_missing(answer, "your prediction in megabytes (1 MB = 1e6 bytes)")
@@ -159,7 +159,8 @@ def check_ch06_adapter_megabytes(answer: object, trainable: int, measured_mb: fl
     if value is None:
         return Feedback(False, f"The answer must be a number of megabytes, got {answer!r}.")
     bytes_each = measured_mb * 1e6 / trainable
-    if within(value, measured_mb, 0.10):
+    # 10%, or 50 kB for a small adapter, whose file header (the tensor names) is a large share of it
+    if abs(value - measured_mb) <= max(0.10 * measured_mb, 0.05):
         return Feedback(True, f"Saved: {measured_mb:.2f} MB, about {bytes_each:.1f} bytes per trainable parameter.")
     if within(value * 2, measured_mb, 0.10):
         return Feedback(False, f"Half of the {measured_mb:.2f} MB saved: peft keeps the adapter in float32 (4 bytes), not 2.")
