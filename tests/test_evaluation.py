@@ -94,3 +94,16 @@ def test_lm_eval_tasks_are_disjoint_from_calibration_and_run(tmp_path):
     assert ((table["value"] >= 0) & (table["value"] <= 1)).all()
     with pytest.raises(ValueError, match="Unknown tasks"):
         run_lm_eval(model, tokenizer, tasks=("hellaswag",), task_folder=folder)
+
+
+def test_lm_eval_runs_quietly_and_failures_keep_its_output(tmp_path, capfd):
+    """lm-eval's warnings and progress bars do not reach the cell output; a failure still raises with them."""
+    folder = write_lm_eval_tasks(tmp_path, analogy_items=20, sms_per_class=5)
+    model, tokenizer = tiny_model("tiny-llama")
+    capfd.readouterr()
+    run_lm_eval(model, tokenizer, tasks=("rearch_sms_spam",), task_folder=folder, limit=4, batch_size=8)
+    printed = capfd.readouterr()
+    assert "pretrained" not in printed.err and "it/s" not in printed.err, printed.err[-800:]
+    (folder / "rearch_sms_spam.jsonl").write_text("not json\n")
+    with pytest.raises(RuntimeError, match="lm-eval failed"):
+        run_lm_eval(model, tokenizer, tasks=("rearch_sms_spam",), task_folder=folder, limit=4, batch_size=8)

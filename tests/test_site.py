@@ -5,7 +5,8 @@ quick mode (the environment set in conftest.py), so the test takes a couple of m
 real build's half hour. Chromium (Debian's `chromium` package) renders each page, scripts included, and
 the test reads the rendered DOM: the landing page and every chapter of `_toc.yml` render, each chapter
 shows executed outputs and at least one figure, the sidebar links every chapter, and no internal link or
-image is broken. A screenshot of a chapter page is kept in `_build/test-artifacts/`.
+image is broken. A screenshot of a chapter page is kept in `_build/test-artifacts/`. No page loads a script or
+a stylesheet from another host (the site works offline: no CDN).
 
 Without Chromium the test is skipped, unless REARCH_REQUIRE_BROWSER=1 (set by .ci/run, which installs
 Chromium first): then a missing browser is a failure.
@@ -86,6 +87,66 @@ def site(tmp_path_factory) -> Path:
                             capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return output / "_build" / "html"
+
+
+class ExternalParser(HTMLParser):
+    """Collect every script and stylesheet a page loads from another host (http(s):// or //host/...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        rel = (values.get("rel") or "").lower().split()
+        url = values.get("src") if tag == "script" else values.get("href") if tag == "link" else None
+        if tag == "link" and not {"stylesheet", "preload", "modulepreload", "import"} & set(rel):
+            url = None
+        if url and is_external(url):
+            self.external.append(f"<{tag}> {url}")
+
+
+def is_external(url: str) -> bool:
+    """Whether `url` points at another host (a CDN), rather than a file of the site or inline data."""
+    return url.strip().startswith("//") or urlparse(url.strip()).scheme in ("http", "https")
+
+
+def external_references(html: str) -> list[str]:
+    """The external scripts and stylesheets one HTML page references (script src, link rel=stylesheet,
+    and CSS @import or url() inside inline style blocks)."""
+    parser = ExternalParser()
+    parser.feed(html)
+    inline_css = re.findall(r"@import\s+(?:url\()?['\"]?((?:https?:)?//[^'\")\s;]+)", html)
+    return parser.external + [f"@import {url}" for url in inline_css]
+
+
+def test_external_reference_finder_catches_cdn_scripts_and_stylesheets() -> None:
+    page = """<html><head><script src="_static/local.js"></script><link rel="stylesheet" href="_static/a.css">
+    <script src="https://cdn.jsdelivr.net/npm/x.js"></script><link rel="stylesheet" href="//unpkg.com/y.css">
+    <a href="https://github.com/x">a link is fine</a><script type="application/json">{"u": "https://x"}</script>
+    <style>@import url("https://fonts.example.com/f.css");</style></head></html>"""
+    assert external_references(page) == ["<script> https://cdn.jsdelivr.net/npm/x.js", "<link> //unpkg.com/y.css",
+                                         "@import https://fonts.example.com/f.css"]
+
+
+def test_no_page_loads_an_external_script_or_stylesheet(site: Path) -> None:
+    """The site works offline: no built page (nor the rendered DOM of a chapter, after its scripts ran) and
+    no stylesheet of the theme loads anything from a CDN."""
+    offenders = {}
+    for page in sorted(site.rglob("*.html")):
+        found = external_references(page.read_text(encoding="utf-8", errors="replace"))
+        if found:
+            offenders[str(page.relative_to(site))] = sorted(set(found))
+    chapters = [file for file in toc_files() if re.match(r"CH\d\d/", file)]
+    for file in chapters:
+        found = external_references(render(site / f"{file}.html"))
+        if found:
+            offenders[f"{file}.html (rendered)"] = sorted(set(found))
+    for sheet in sorted(site.rglob("*.css")):
+        found = re.findall(r"(?:@import\s+|url\()\s*['\"]?((?:https?:)?//[^'\")\s;]+)", sheet.read_text(errors="replace"))
+        if found:
+            offenders[str(sheet.relative_to(site))] = sorted(set(found))
+    assert not offenders, f"pages load external scripts or stylesheets (the site must work offline): {offenders}"
 
 
 def render(page: Path, screenshot: Path | None = None) -> str:

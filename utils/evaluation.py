@@ -6,7 +6,10 @@ first use, and run on a model held in memory (no hub access).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -244,10 +247,24 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TA
     if unknown:
         raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
     folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
-    results = simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, log_samples=False,
-                              task_manager=TaskManager(include_path=str(folder), include_defaults=False),
-                              verbosity="ERROR")
+    # lm-eval's chatter (the model-argument warnings, its text progress bars) would fill a notebook's output:
+    # its logger is set to ERROR (its handler created here, on the real stderr, so errors still show) and its
+    # stderr is collected while it runs; if it fails, that collected output is attached to the error.
+    try:
+        from lm_eval.utils import setup_logging
+        setup_logging(logging.ERROR)
+    except ImportError:  # older lm-eval: no handler of its own
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(chatter):
+            wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                           device=str(model_device(model)))
+            results = simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, log_samples=False,
+                                      task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+                                      verbosity="ERROR")
+    except Exception as error:
+        raise RuntimeError(f"lm-eval failed: {error}\nlm-eval's output:\n{chatter.getvalue()[-4000:]}") from error
     rows = []
     for task in tasks:
         for key, value in results["results"][task].items():
