@@ -94,7 +94,7 @@ def test_layer_index_checks():
     assert check_layer_indices(model, [3, 0]) == [0, 3]
     with pytest.raises(ValueError, match=r"out of range.*valid indices are 0..3"):
         check_layer_indices(model, [4])
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ValueError, match="Duplicate"):
         check_layer_indices(model, [1, 1])
     with pytest.raises(TypeError, match="indices.*string"):
         check_layer_indices(model, "12")  # not blocks 1 and 2

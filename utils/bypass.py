@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .checks import check_module
 from .batches import Batch
 from .bypass_modeling import (
     BYPASSED_LAYERS_KEY,
@@ -89,6 +90,7 @@ def bypass_attention(model: nn.Module, indices: Sequence[int], inplace: bool = F
     for an empty list, an index out of range or repeated, a block already bypassed, a block whose attention
     cannot be found, or bypassing every attention sublayer.
     """
+    check_module("model", model)
     indices = _bypass_indices(model, indices)
     if not inplace:
         blocks = decoder_layers(model)

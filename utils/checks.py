@@ -139,7 +139,7 @@ def check_indices(name: str, values: object, upper: int | None = None, allow_emp
             raise ValueError(f"{name} has indices out of range {bad}: valid indices are 0..{upper - 1}.")
     if not allow_duplicates and len(set(result)) != len(result):
         duplicates = sorted({value for value in result if result.count(value) > 1})
-        raise ValueError(f"{name} has duplicate indices {duplicates}.")
+        raise ValueError(f"Duplicate indices {duplicates} in {name}: each index may appear once.")
     return result
 
 
@@ -209,6 +209,8 @@ def check_module(name: str, value: object) -> nn.Module:
 
 def model_vocab_size(model: nn.Module) -> int | None:
     """The number of rows of a model's input embedding (the valid token ids), or None if it has none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch model (nn.Module), got {_describe(model)}.")
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
     weight = getattr(embedding, "weight", None)

@@ -88,11 +88,14 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 def gensim_data_file(name: str) -> Path:
     """Path of a file in the gensim wheel's test_data folder (the package is not imported)."""
+    check_str("name", name)
     return _package_dir("gensim", "gensim==4.4.0") / "test" / "test_data" / name
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that readers see either the old file or the whole new one, never a part."""
+    check_str("text", text, empty=True)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -108,6 +111,7 @@ def normalized_text(text: str) -> str:
     """Text folded for comparing short messages: lowercased, every number (digits with their separators) made "0", punctuation
     and symbols dropped, whitespace collapsed. Two spam templates that differ in one phone number or
     prize amount fold to the same string."""
+    check_str("text", text, empty=True)
     text = re.sub(r"\d+(?:[.,:/-]\d+)*", "0", text.lower())  # 2,500 and 0800-123 are one number each
     text = re.sub(r"[^\w\s]|_", " ", text)
     return " ".join(text.split())
@@ -262,6 +266,8 @@ def bos_ids(tokenizer) -> list[int]:
     the course turns text into model input puts these ids first, so a model sees sequences begin the
     way it was trained on.
     """
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}.")
     probe = "a b"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     special = tokenizer(probe, add_special_tokens=True)["input_ids"]

