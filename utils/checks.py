@@ -36,9 +36,11 @@ def check_int(name: str, value: object, minimum: int | None = None, maximum: int
         raise TypeError(f"{name} must be an integer, got {_describe(value)}.")
     value = int(value)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
-        low = "-inf" if minimum is None else str(minimum)
-        high = "inf" if maximum is None else str(maximum)
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}.")
+        if maximum is None:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
+        if minimum is None:
+            raise ValueError(f"{name} must be an integer <= {maximum}, got {value}.")
+        raise ValueError(f"{name} must be in {minimum}..{maximum}, got {value}.")
     return value
 
 
