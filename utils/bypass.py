@@ -63,7 +63,7 @@ def _bypass_indices(model: nn.Module, indices: Sequence[int]) -> list[int]:
     if isinstance(indices, int) or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
         raise ValueError(f"`indices` must be a list of decoder block indices, got {indices!r}; "
                          f"to bypass a single block write [{int(indices)}].")
-    indices = check_layer_indices(model, [int(i) for i in indices])
+    indices = check_layer_indices(model, indices)  # integers only: "12" or [1.0] are refused, not truncated
     if not indices:
         raise ValueError("No attention sublayer to bypass: `indices` is empty.")
     blocks = decoder_layers(model)
