@@ -18,6 +18,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .checks import check_int, check_module
+
 Batch = Mapping[str, torch.Tensor]
 """One batch: {"input_ids": LongTensor[rows, tokens], "attention_mask": same shape, optional "labels"}."""
 
@@ -67,6 +69,8 @@ def check_batches(batches: Sequence[Batch], name: str = "batches", min_real_toke
 
 def real_token_mask(batch: Batch) -> torch.Tensor:
     """The batch's attention mask as booleans (all True when the batch has none)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(f"batch must be a dict with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}.")
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -74,6 +78,8 @@ def real_token_mask(batch: Batch) -> torch.Tensor:
 
 def to_device(batch: Batch, device: torch.device | str) -> dict[str, torch.Tensor]:
     """A copy of the batch on `device`, with an all-ones "attention_mask" added when it had none."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(f"batch must be a dict with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}.")
     moved = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     if moved.get("attention_mask") is None:
         moved["attention_mask"] = torch.ones_like(moved["input_ids"])
@@ -93,12 +99,15 @@ def ids_and_masks(batches: Sequence[Batch], device: torch.device | str,
 def token_counts(batch: Batch) -> tuple[int, int]:
     """(real tokens, next-token targets) of a batch: the positions a per-token loss averages over, and the
     pairs of neighbouring real tokens a next-token loss scores."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(f"batch must be a dict with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}.")
     mask = real_token_mask(batch)
     return int(mask.sum()), int((mask[:, 1:] & mask[:, :-1]).sum())
 
 
 def batch_stream(batches: Sequence[Batch], shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
     """Cycle through the batches forever; with `shuffle`, in a new seeded order on every pass."""
+    seed = check_int("seed", seed)
     batches = list(batches)
     if not shuffle:
         yield from itertools.cycle(batches)
@@ -139,6 +148,8 @@ def pad_token_id(tokenizer) -> int:
     Padding is always masked out (attention_mask 0), so which id fills it does not change any result;
     this is the one rule the whole package uses.
     """
+    if not hasattr(tokenizer, "pad_token_id"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad with; "
@@ -172,6 +183,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") ->
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode and disable gradients; restore each module's own flag on exit."""
+    check_module("model", model)
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .checks import check_module
 from .batches import Batch
 from .bypass_modeling import (
     BYPASSED_LAYERS_KEY,
@@ -63,7 +64,7 @@ def _bypass_indices(model: nn.Module, indices: Sequence[int]) -> list[int]:
     if isinstance(indices, int) or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
         raise ValueError(f"`indices` must be a list of decoder block indices, got {indices!r}; "
                          f"to bypass a single block write [{int(indices)}].")
-    indices = check_layer_indices(model, [int(i) for i in indices])
+    indices = check_layer_indices(model, indices)  # integers only: "12" or [1.0] are refused, not truncated
     if not indices:
         raise ValueError("No attention sublayer to bypass: `indices` is empty.")
     blocks = decoder_layers(model)
@@ -90,6 +91,7 @@ def bypass_attention(model: nn.Module, indices: Sequence[int], inplace: bool = F
     for an empty list, an index out of range or repeated, a block already bypassed, a block whose attention
     cannot be found, or bypassing every attention sublayer.
     """
+    check_module("model", model)
     if getattr(model, "adaptive_bypass", None) is not None:
         raise ValueError("This model has an adaptive router, whose skip sets and cache slots refer to its current "
                          "attention sublayers: bypass first and install the router afterwards, or call "

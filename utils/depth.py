@@ -39,6 +39,7 @@ from .bypass_modeling import (
     check_attention_remains,
     statically_bypassed,
 )
+from .checks import check_indices, check_int, check_module
 from .models import check_layer_indices, decoder_layers, layer_count, model_device, stack_configs
 from .training import check_training_arguments, train
 
@@ -55,7 +56,8 @@ def _removal_indices(model: nn.Module, indices: Sequence[int]) -> list[int]:
     if isinstance(indices, int) or (isinstance(indices, torch.Tensor) and indices.dim() == 0):
         raise ValueError(f"`indices` must be a list of decoder block indices, got {indices!r}; "
                          f"to remove a single block write [{int(indices)}].")
-    indices = [int(i) for i in indices]
+    check_module("model", model)
+    indices = check_indices("indices", indices)
     n_layers = len(decoder_layers(model))
     if not indices:
         raise ValueError(f"No blocks to remove: `indices` is empty. Pass at least one decoder block index "
@@ -210,8 +212,9 @@ def layers_removed(model: nn.Module, indices: Sequence[int]) -> Iterator[nn.Modu
 
 def _check_count(n: int, n_layers: int) -> None:
     """`n` blocks can be removed from `n_layers`: at least one, and at least one must remain."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"The number of blocks to remove must be an integer >= 1, got {n!r}.")
+    n = check_int("n", n)
+    if n < 1:
+        raise ValueError(f"n, the number of blocks to remove, must be an integer >= 1, got {n!r}.")
     if n >= n_layers:
         raise ValueError(f"Cannot remove {n} of {n_layers} blocks: at least one must remain "
                          f"(n must be at most {n_layers - 1}).")
@@ -226,7 +229,7 @@ def removable_layers(n_layers: int, n: int, protect_first: int = 0, protect_last
     """
     _check_count(n, n_layers)
     for name, value in (("protect_first", protect_first), ("protect_last", protect_last)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if check_int(name, value) < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
     candidates = list(range(protect_first, n_layers - protect_last))
     if len(candidates) < n:
@@ -258,7 +261,7 @@ def select_window(model_or_n_layers: nn.Module | int, start: int, n: int) -> lis
     """
     n_layers = layer_count(model_or_n_layers)
     _check_count(n, n_layers)
-    start = int(start)
+    start = check_int("start", start)
     if not 0 <= start <= n_layers - n:
         raise ValueError(f"A window of {n} blocks starting at {start} does not fit in {n_layers} blocks: "
                          f"start must be in 0..{n_layers - n}.")

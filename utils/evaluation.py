@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import analogy_questions, atomic_write_text, load_labeled
+from .checks import (check_bool, check_int, check_module, check_optional_int, check_str, check_tensor,
+                     check_token_ids, model_vocab_size)
+from .data import analogy_questions, atomic_write_text, bos_ids, load_labeled
 from .models import cache_root, model_device
 
 
@@ -32,6 +34,12 @@ def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     (padding) are never scored; `score_mask` (same shape, 1 = score) can exclude more, such as the
     context part of a sliding window.
     """
+    check_module("model", model)
+    check_token_ids("input_ids", input_ids, model_vocab_size(model), dim=2)
+    for mask_name, mask in (("attention_mask", attention_mask), ("score_mask", score_mask)):
+        if mask is not None and check_tensor(mask_name, mask).shape != input_ids.shape:
+            raise ValueError(f"{mask_name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(mask.shape)}.")
     device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -45,23 +53,42 @@ def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, stride: int | None = None,
-               batch_size: int = 4, progress: bool = True) -> float:
+               batch_size: int = 4, progress: bool = True, bos_token_id: int | None = None) -> float:
     """Perplexity of a 1-D token stream with a sliding window, weighted by token.
 
     Windows of `window` tokens start every `stride` tokens (default: no overlap). Each token is scored
     once: in a window, only the tokens not scored by the previous window count, the rest are context.
-    Windows are batched (`batch_size`) with the short last window padded and its padding masked.
+    Windows are batched (`batch_size`) with the short last window padded and its padding masked. For
+    a model whose tokenizer begins every text with a BOS token (`utils.data.bos_ids`), pass it as
+    `bos_token_id`: every window that does not already begin with it gets it in front (as context, never
+    scored), as the model expects; None (the default, right for SmolLM2) adds nothing.
     """
-    if input_ids.dim() != 1 or len(input_ids) < 2:
-        raise ValueError("perplexity expects a 1-D tensor of at least 2 token ids (see data.token_ids).")
+    check_module("model", model)
+    check_token_ids("input_ids", input_ids, model_vocab_size(model), dim=1)
+    if len(input_ids) < 2:
+        raise ValueError("input_ids must hold at least 2 token ids (see data.token_ids).")
+    window = check_int("window", window, minimum=2)
+    stride = check_optional_int("stride", stride, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    check_bool("progress", progress)
+    bos_token_id = check_optional_int("bos_token_id", bos_token_id, minimum=0)
     stride = stride or window
     if not 0 < stride <= window:
         raise ValueError(f"stride must be in 1..window ({window}), got {stride}.")
+    if bos_token_id is not None:
+        vocab = model_vocab_size(model)
+        if vocab is not None and bos_token_id >= vocab:
+            raise ValueError(f"bos_token_id {bos_token_id} is beyond the model's vocabulary of {vocab} tokens.")
+        if window < 3:
+            raise ValueError(f"window must be at least 3 with a bos_token_id, got {window}.")
+    lead = 0 if bos_token_id is None else 1
+    body = window - lead  # stream tokens per window; the BOS, where given, takes one place
+    stride = min(stride, body)
     n = len(input_ids)
     spans = []  # (begin, end, first scored position inside the window)
     scored_until = 0
     for begin in range(0, n, stride):
-        end = min(begin + window, n)
+        end = min(begin + body, n)
         spans.append((begin, end, max(scored_until - begin, 0)))
         scored_until = end
         if end == n:
@@ -69,14 +96,17 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, str
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", disable=not progress, leave=False):
         chunk = spans[start:start + batch_size]
-        width = max(end - begin for begin, end, _ in chunk)
+        leads = [lead if lead and int(input_ids[begin]) != bos_token_id else 0 for begin, _, _ in chunk]
+        width = max(row_lead + end - begin for row_lead, (begin, end, _) in zip(leads, chunk))
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         score = torch.zeros_like(ids)
-        for row, (begin, end, first) in enumerate(chunk):
-            ids[row, :end - begin] = input_ids[begin:end]
-            mask[row, :end - begin] = 1
-            score[row, first:end - begin] = 1
+        for row, (row_lead, (begin, end, first)) in enumerate(zip(leads, chunk)):
+            ids[row, :row_lead] = bos_token_id if row_lead else 0
+            ids[row, row_lead:row_lead + end - begin] = input_ids[begin:end]
+            mask[row, :row_lead + end - begin] = 1
+            # the stream's first token is never scored (nothing of the stream precedes it), BOS or not
+            score[row, row_lead + max(first, 1 if begin == 0 else 0):row_lead + end - begin] = 1
         nll, count = batch_nll(model, ids, mask, score)
         total_nll += nll
         total_tokens += count
@@ -85,13 +115,26 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, str
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 30, chat: bool = True) -> str:
-    """Greedy continuation of `prompt` (wrapped in the tokenizer's chat template when `chat`), decoded."""
+    """Greedy continuation of `prompt` (wrapped in the tokenizer's chat template when `chat`), decoded.
+
+    Without the chat template the prompt begins the way the tokenizer begins a text (`data.bos_ids`:
+    the BOS token for Llama 3 or Gemma tokenizers, nothing for SmolLM2); the chat template writes its
+    own BOS where the model needs one.
+    """
+    check_module("model", model)
+    check_str("prompt", prompt, empty=True)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_bool("chat", chat)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
-        text = prompt
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model_device(model))
+        ids = bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("prompt is empty and the tokenizer adds no BOS: there is nothing to continue.")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))
+    encoded = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -109,6 +152,7 @@ def _unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def component_of(name: str) -> str:
     """The component a parameter belongs to, from its name: embedding, attention, mlp, norm, lm_head, other."""
+    check_str("name", name, empty=True)
     if "embed" in name:
         return "embedding"
     if "lm_head" in name:
@@ -124,6 +168,7 @@ def component_of(name: str) -> str:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts by component (tied embedding and LM head counted once) plus "total"."""
+    check_module("model", model)
     counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0, "other": 0}
     for name, parameter in _unique_parameters(model).items():
         counts[component_of(name)] += parameter.numel()
@@ -133,6 +178,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes the model's parameters occupy in their current dtype (tied weights once)."""
+    check_module("model", model)
     return sum(p.numel() * p.element_size() for p in _unique_parameters(model).values())
 
 
@@ -222,6 +268,9 @@ def write_lm_eval_tasks(folder: str | Path | None = None, analogy_items: int = 2
     rearch_sms_spam: ham/spam classification on the SMS evaluation split, balanced. Files are written
     atomically, so a folder being written by another process is never read half-done.
     """
+    analogy_items = check_int("analogy_items", analogy_items, minimum=1)
+    sms_per_class = check_int("sms_per_class", sms_per_class, minimum=1)
+    seed = check_int("seed", seed)
     folder = Path(folder) if folder else cache_root() / "lm_eval_tasks" / f"a{analogy_items}-s{sms_per_class}-seed{seed}"
     data = {"rearch_analogy": _analogy_docs(analogy_items, seed), "rearch_sms_spam": _sms_docs(sms_per_class, seed)}
     for task, docs in data.items():

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .checks import check_module
 from .models import check_layer_indices, decoder_layers
 
 POINTS = ("block_in", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_act", "mlp_out", "block_out")
@@ -134,4 +135,5 @@ def capture_activations(model: nn.Module, layers: list[int] | None = None,
 
 def count_hooks(model: nn.Module) -> int:
     """Number of forward and forward-pre hooks still registered anywhere in `model` (0 after a capture)."""
+    check_module("model", model)
     return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())

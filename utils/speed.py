@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .checks import check_int
 from .models import (
     architecture_summary,
     cache_argument_name,
@@ -174,6 +175,8 @@ def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 64, batch_size: int
 
     Keep `tokens` below any sliding window, or sliding layers will hold fewer tokens than were fed.
     """
+    tokens = check_int("tokens", tokens, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     device = model_device(model)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, tokens), generator=torch.Generator().manual_seed(0))
     output = model(input_ids=ids.to(device), use_cache=True)
@@ -210,6 +213,8 @@ def decode_bytes(model: nn.Module, context: int, batch_size: int = 1) -> float:
     in the dtype of the model's weights. Divided by the card's memory bandwidth, this is the fastest a
     step can be: the bytes ideal. Ratios of it between two models are the ideal speedup of decoding.
     """
+    context = check_int("context", context, minimum=0)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     shape = architecture_summary(model.config)
     element = next(model.parameters()).element_size()
     kv_per_token = 2 * attention_layer_count(model) * shape["kv heads"] * shape["head dim"] * element
@@ -230,6 +235,8 @@ def prefill_flops(model: nn.Module, tokens: int, batch_size: int = 1, all_logits
     attention, and the LM head for every token (`all_logits`) or only the last one. Divided by the card's
     throughput, this is the fastest a prefill can be: the FLOP ideal.
     """
+    tokens = check_int("tokens", tokens, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     shape = architecture_summary(model.config)
     head = model.get_output_embeddings().weight.numel()
     linear = matmul_parameters(model) - head

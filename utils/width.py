@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_bool, check_finite, check_module
 from .batches import Batch, evaluating, ids_and_masks
 from .hooks import capture_activations
 from .models import decoder_layers, glu_projections, model_device, stack_configs
@@ -71,6 +72,8 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
     A^T A / tokens of the activations (Tensor[n_layers, intermediate, intermediate], float64), which is what
     re-fitting down_proj by least squares needs (`utils.width.refit_down_proj`).
     """
+    check_module("model", model)
+    check_bool("gram", gram)
     blocks = decoder_layers(model)
     n_layers = len(blocks)
     width = glu_projections(blocks[0])[2].in_features
@@ -148,6 +151,9 @@ def target_intermediate_size(current: int, hidden_size: int, percent: float | No
         raise ValueError(f"Give exactly one of percent, intermediate_size or expansion_ratio (got {given or 'none'}).")
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"`multiple` must be an integer >= 1, got {multiple!r}.")
+    if multiple > current:
+        raise ValueError(f"`multiple` ({multiple}) is larger than the current width {current}: rounding to it "
+                         "would prune nothing. Use a multiple <= the width (64 or 128 on real models).")
     if percent is not None:
         if not 0 < percent < 100:
             raise ValueError(f"`percent` of neurons to remove must be in (0, 100), got {percent}.")
@@ -167,6 +173,7 @@ def target_intermediate_size(current: int, hidden_size: int, percent: float | No
 
 def neurons_to_keep(scores: torch.Tensor, keep: int) -> list[torch.Tensor]:
     """Per layer, the indices (sorted) of the `keep` highest-scoring neurons of Tensor[n_layers, width]."""
+    check_finite("scores", scores)
     if scores.dim() != 2:
         raise ValueError(f"`scores` must be Tensor[n_layers, intermediate_size], got shape {tuple(scores.shape)}.")
     if not 1 <= keep <= scores.shape[1]:
@@ -204,6 +211,8 @@ def prune_glu_width(model: nn.Module, scores: torch.Tensor, percent: float | Non
     separate gate/up/down projections, and scores of the wrong shape (scores for only some layers cannot
     be honoured: the family's config has one width for all layers).
     """
+    check_module("model", model)
+    check_finite("scores", scores)
     blocks = decoder_layers(model)
     current = glu_projections(blocks[0])[2].in_features
     configs = stack_configs(model, len(blocks))
