@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--hidden-all", type=float, default=0.0, help="weight of the hidden-state term on every kept block")
     parser.add_argument("--precision", default="no")
     parser.add_argument("--control", action="store_true", help="distill the unpruned model the same way too")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="also measure the held-out recovery every N steps (the curve; costs a perplexity each)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -81,6 +83,10 @@ def main() -> None:
         layer_map = {j + 1: block + 1 for j, block in enumerate(kept)}
         hidden_weight = args.hidden_all
 
+    def curve(student):
+        ppl = perplexity(student, held_out, window=512, progress=False)
+        return {"ppl_wiki": ppl, "recovery_wiki": (baselines["pruned"] - ppl) / (baselines["pruned"] - baselines["base"])}
+
     def heal(student, n_blocks):
         trainable = train_only_blocks_from(student, first)
         if args.last >= 0:
@@ -98,7 +104,9 @@ def main() -> None:
                           temperature=args.temperature, ce_weight=args.ce, kd_weight=args.kd,
                           hidden_weight=hidden_weight if n_blocks == len(kept) else 0.0,
                           layer_map=layer_map if n_blocks == len(kept) else None,
-                          mixed_precision=args.precision, seed=0, progress=False)
+                          mixed_precision=args.precision, seed=0, progress=False,
+                          eval_fn=curve if args.eval_every and n_blocks == len(kept) else None,
+                          eval_every=args.eval_every)
         return history, trainable, time.process_time() - cpu0, time.perf_counter() - wall0
 
     healed = copy.deepcopy(pruned)
@@ -110,7 +118,8 @@ def main() -> None:
            "recovery_wiki": (baselines["pruned"] - healed_ppl) / (baselines["pruned"] - baselines["base"]),
            "recovery_news": (baselines["pruned_news"] - healed_news) / (baselines["pruned_news"] - baselines["base_news"]),
            "distill_wall_s": wall_s, "distill_cpu_s": cpu_s, "step_s": wall_s / args.steps,
-           "final_loss": history.train[-1]["loss"], "load_before": load_before, "load_after": os.getloadavg(),
+           "final_loss": history.train[-1]["loss"], "curve": history.eval,
+           "train_s_per_step": [row["train_s"] for row in history.train], "load_before": load_before, "load_after": os.getloadavg(),
            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.control:
         control = copy.deepcopy(model)
