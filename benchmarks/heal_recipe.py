@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from utils.data import calibration_batches, token_ids  # noqa: E402
 from utils.depth import remove_layers, select_window  # noqa: E402
 from utils.distill import distill, train_only_blocks_from  # noqa: E402
-from utils.evaluation import perplexity  # noqa: E402
+from utils.evaluation import cached_perplexity, perplexity  # noqa: E402
 from utils.models import load_model  # noqa: E402
 
 
@@ -60,15 +60,10 @@ def main() -> None:
     pruned = remove_layers(model, removed)
     held_out = token_ids(tokenizer, "wikipedia", "eval", max_tokens=4096)
     news = token_ids(tokenizer, "news", "eval", max_tokens=4096)
-    cache = ROOT / "benchmarks" / "results" / ".heal_baselines.json"
-    if cache.exists():
-        baselines = json.loads(cache.read_text())
-    else:
-        baselines = {"base": perplexity(model, held_out, window=512, progress=False),
-                     "pruned": perplexity(pruned, held_out, window=512, progress=False),
-                     "base_news": perplexity(model, news, window=512, progress=False),
-                     "pruned_news": perplexity(pruned, news, window=512, progress=False)}
-        cache.write_text(json.dumps(baselines))
+    baselines = {"base": cached_perplexity(model, held_out, window=512, progress=False),
+                 "pruned": cached_perplexity(pruned, held_out, window=512, progress=False),
+                 "base_news": cached_perplexity(model, news, window=512, progress=False),
+                 "pruned_news": cached_perplexity(pruned, news, window=512, progress=False)}
     train_batches = calibration_batches(tokenizer, "wikipedia", n_samples=args.batch * args.steps, seq_len=args.seq,
                                         batch_size=args.batch, split="train")
     first = args.first if args.first >= 0 else start - 1
@@ -85,6 +80,9 @@ def main() -> None:
 
     def curve(student):
         ppl = perplexity(student, held_out, window=512, progress=False)
+        print(json.dumps({"tag": args.tag, "ppl_wiki": ppl, "cpu_s": time.process_time(), "load": os.getloadavg(),
+                          "recovery_wiki": (baselines["pruned"] - ppl) / (baselines["pruned"] - baselines["base"])}),
+              flush=True)
         return {"ppl_wiki": ppl, "recovery_wiki": (baselines["pruned"] - ppl) / (baselines["pruned"] - baselines["base"])}
 
     def heal(student, n_blocks):
