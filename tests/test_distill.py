@@ -1,3 +1,4 @@
+import math
 import copy
 
 import pytest
@@ -290,3 +291,60 @@ def test_accelerate_path_matches_the_plain_loop(teacher):
     changed = any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                           _drop_layers(teacher, [1]).state_dict().values()))
     assert changed
+
+
+def test_train_only_blocks_from_with_last_block_trains_only_that_span():
+    from utils.distill import train_only_blocks_from
+    from utils.models import tiny_model
+
+    model, _ = tiny_model("tiny-llama")
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert train_only_blocks_from(model, 1, last_block=2) == 2 * block
+    assert [all(p.requires_grad for p in layer.parameters()) for layer in model.model.layers] == [False, True, True, False]
+    assert not model.model.norm.weight.requires_grad and not model.lm_head.weight.requires_grad
+    # back to the default: from block 1 to the end, final norm included
+    assert train_only_blocks_from(model, 1) == 3 * block + model.model.norm.weight.numel()
+    with pytest.raises(ValueError, match="last_block must be None .* in first_block..3"):
+        train_only_blocks_from(model, 2, last_block=1)
+    with pytest.raises(ValueError, match="last_block"):
+        train_only_blocks_from(model, 0, last_block=4)
+
+
+def test_cut_layer_map_points_at_the_first_block_after_each_cut():
+    from utils.distill import cut_layer_map
+
+    # 30 blocks, 12..17 removed: student block 12 is teacher block 18 (hidden-state indices 13 and 19)
+    assert cut_layer_map(range(12, 18), 30) == {13: 19}
+    assert cut_layer_map([1, 2, 5], 8) == {2: 4, 4: 7}
+    assert cut_layer_map([6, 7], 8) == {6: 8}  # a cut at the end: both final states
+    with pytest.raises(ValueError, match="removed is empty"):
+        cut_layer_map([], 4)
+    with pytest.raises(ValueError, match="distinct block indices in 0..3"):
+        cut_layer_map([1, 1], 4)
+    with pytest.raises(ValueError, match="distinct block indices in 0..3"):
+        cut_layer_map([4], 4)
+    with pytest.raises(ValueError, match="keep at least one"):
+        cut_layer_map([0, 1, 2, 3], 4)
+
+
+def test_cut_layer_map_on_every_tiny_family(tiny):
+    # The state the map names is the first one where the student differs from the teacher: the one before
+    # it is identical (same blocks, same input), and training on the map's hidden term runs and is finite.
+    from utils.depth import remove_layers
+    from utils.distill import cut_layer_map
+
+    name, model, _ = tiny
+    n = model.config.num_hidden_layers
+    removed = [1, 2]
+    layer_map = cut_layer_map(removed, n)
+    student = remove_layers(model, removed)
+    batch = _random_batch()
+    with torch.no_grad():
+        s_states, t_states = _outputs(student, batch).hidden_states, _outputs(model, batch).hidden_states
+    (s, t), = layer_map.items()
+    assert (s, t) == (2, 4)
+    torch.testing.assert_close(s_states[s - 1], t_states[1])  # the input of the first block after the cut
+    assert hidden_state_loss(s_states, t_states, layer_map) > 0
+    history = distill(student, model, [batch], steps=2, lr=1e-3, hidden_weight=1.0, layer_map=layer_map,
+                      progress=False)
+    assert all(math.isfinite(row["hidden"]) for row in history.train)

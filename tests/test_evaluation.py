@@ -107,3 +107,41 @@ def test_lm_eval_runs_quietly_and_failures_keep_its_output(tmp_path, capfd):
     (folder / "rearch_sms_spam.jsonl").write_text("not json\n")
     with pytest.raises(RuntimeError, match="lm-eval failed"):
         run_lm_eval(model, tokenizer, tasks=("rearch_sms_spam",), task_folder=folder, limit=4, batch_size=8)
+
+
+def test_cached_perplexity_computes_once_verifies_and_keys_by_model_and_text(tmp_path, monkeypatch):
+    import copy
+    import json
+
+    import utils.evaluation as evaluation
+    from utils.evaluation import cached_perplexity, model_fingerprint, perplexity
+
+    model, _ = tiny_model("tiny-llama")
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0))
+    expected = perplexity(model, ids, window=16, progress=False)
+    assert cached_perplexity(model, ids, window=16, progress=False, cache_dir=tmp_path) == expected
+    files = list((tmp_path / "perplexity").glob("*.json"))
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(evaluation, "perplexity", lambda *a, **k: calls.append(1) or 99.0)
+    assert cached_perplexity(model, ids, window=16, progress=False, cache_dir=tmp_path) == expected  # from the file
+    assert calls == []
+    # another window, other text, or changed weights: a new key, computed
+    assert cached_perplexity(model, ids, window=8, progress=False, cache_dir=tmp_path) == 99.0
+    assert cached_perplexity(model, ids[:30], window=16, progress=False, cache_dir=tmp_path) == 99.0
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert model_fingerprint(changed) != model_fingerprint(model)
+    assert model_fingerprint(copy.deepcopy(model)) == model_fingerprint(model)
+    assert cached_perplexity(changed, ids, window=16, progress=False, cache_dir=tmp_path) == 99.0
+    assert len(calls) == 3
+    # a damaged or foreign file is not trusted: recomputed and rewritten
+    stored = json.loads(files[0].read_text())
+    files[0].write_text(json.dumps({**stored, "perplexity": float("nan")}))
+    assert cached_perplexity(model, ids, window=16, progress=False, cache_dir=tmp_path) == 99.0
+    files[0].write_text("{not json")
+    assert cached_perplexity(model, ids, window=16, progress=False, cache_dir=tmp_path) == 99.0
+    assert json.loads(files[0].read_text())["perplexity"] == 99.0
+    with pytest.raises(ValueError, match="1-D tensor"):
+        cached_perplexity(model, ids[None], cache_dir=tmp_path)

@@ -412,23 +412,62 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
         teacher.train(teacher_was_training)
 
 
-def train_only_blocks_from(student: nn.Module, first_block: int, train_embeddings: bool = False) -> int:
+def train_only_blocks_from(student: nn.Module, first_block: int, train_embeddings: bool = False,
+                           last_block: int | None = None) -> int:
     """Freeze everything before decoder block `first_block` (and the embeddings unless asked) and return
     the number of trainable parameters left.
 
     Healing a depth-pruned model mostly needs the blocks after the cut to adapt to their new input.
     Freezing the blocks before it makes each step cheaper: the backward pass stops at the first trainable
     block, and the optimizer holds state only for what trains. The final norm and the blocks from
-    `first_block` on stay trainable. Raises a ValueError for a block index outside the model.
+    `first_block` on stay trainable. With `last_block`, only blocks `first_block`..`last_block` train
+    (the blocks after it, the final norm and the output head are frozen too): the gradient still flows
+    back through the frozen blocks, but their weight gradients and optimizer state are skipped. Raises a
+    ValueError for a block index outside the model or a `last_block` before `first_block`.
     """
     blocks = decoder_layers(student)
     if not 0 <= first_block < len(blocks):
         raise ValueError(f"first_block must be in 0..{len(blocks) - 1} (the student has {len(blocks)} blocks), got {first_block}.")
+    if last_block is not None and not first_block <= last_block < len(blocks):
+        raise ValueError(f"last_block must be None (train to the end) or in first_block..{len(blocks) - 1} "
+                         f"({first_block}..{len(blocks) - 1}), got {last_block}.")
     for parameter in student.parameters():
-        parameter.requires_grad_(True)
+        parameter.requires_grad_(last_block is None)
     for parameter in student.get_input_embeddings().parameters():
         parameter.requires_grad_(train_embeddings)
-    for block in list(blocks)[:first_block]:
+    for index, block in enumerate(blocks):
         for parameter in block.parameters():
-            parameter.requires_grad_(False)
+            parameter.requires_grad_(first_block <= index <= (len(blocks) - 1 if last_block is None else last_block))
     return sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
+def cut_layer_map(removed: Sequence[int], n_teacher: int) -> dict[int, int]:
+    """A layer map that ties the student to the teacher just after each cut, for `hidden_state_loss`.
+
+    For each run of consecutive removed blocks, the output of the first block the student kept after the
+    run (student hidden-state index) is mapped to the output of the same block in the teacher (teacher
+    hidden-state index): the place where the student's residual stream first differs from the teacher's,
+    and the one the blocks around the cut must repair. A run at the very end maps the two final states
+    (both after the final norm). Raises a ValueError for duplicate or out-of-range indices, or when every
+    block would be removed.
+    """
+    if int(n_teacher) < 1:
+        raise ValueError(f"n_teacher must be >= 1 decoder block, got {n_teacher}.")
+    drop = sorted(int(i) for i in removed)
+    if not drop:
+        raise ValueError("removed is empty: give the teacher blocks that were removed (e.g. [12, 13, 14]).")
+    if len(set(drop)) != len(drop) or not all(0 <= i < n_teacher for i in drop):
+        raise ValueError(f"removed must hold distinct block indices in 0..{n_teacher - 1}, got {list(removed)}.")
+    if len(drop) == n_teacher:
+        raise ValueError(f"removed covers all {n_teacher} blocks: the student must keep at least one.")
+    kept = [i for i in range(n_teacher) if i not in set(drop)]
+    layer_map = {}
+    for block in drop:
+        after = block + 1
+        if after in drop:
+            continue  # not the end of a run
+        if after == n_teacher:
+            layer_map[len(kept)] = n_teacher  # both final states, after the final norm
+        else:
+            layer_map[kept.index(after) + 1] = after + 1
+    return layer_map

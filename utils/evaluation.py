@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import hashlib
+import inspect
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -111,6 +114,64 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, str
         total_nll += nll
         total_tokens += count
     return math.exp(total_nll / total_tokens)
+
+
+# the source of the perplexity computation, part of every cached perplexity's key
+_PERPLEXITY_CODE = hashlib.sha256((inspect.getsource(perplexity) + inspect.getsource(batch_nll)).encode()).hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 of everything that decides a model's outputs: class, config, and every parameter and buffer.
+
+    Names, shapes, dtypes and bytes of the state dict enter the hash, so two models share a fingerprint
+    only when they compute the same function (a pruned, trained or re-cast model gets a new one). Reading
+    the weights costs about a second for a 135M model.
+    """
+    digest = hashlib.sha256()
+    digest.update(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, stride: int | None = None,
+                      batch_size: int = 4, progress: bool = True, cache_dir: str | Path | None = None) -> float:
+    """`perplexity`, computed once per model, text and settings and kept in the cache folder.
+
+    The key is a SHA-256 over `model_fingerprint(model)`, the token ids, `window`, `stride`, the device
+    type, the torch and transformers versions and the source code of `perplexity` and `batch_nll` (a
+    change to how perplexity is computed never reuses an old value); the value lives in `<cache>/perplexity/<key>.json` (see
+    `utils.models.cache_root` for `cache_dir`) with the key fields beside it. A stored file is used only
+    when its fields match and its value is a finite number >= 1; anything else (a missing, partial or
+    foreign file) is recomputed and written atomically. For baselines that many cells or chapters
+    measure, such as the base model on held-out text. `batch_size` only changes speed, so it is not
+    part of the key.
+    """
+    if input_ids.dim() != 1 or len(input_ids) < 2:
+        raise ValueError("cached_perplexity expects a 1-D tensor of at least 2 token ids (see data.token_ids).")
+    fields = {"model": model_fingerprint(model),
+              "tokens": hashlib.sha256(input_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest(),
+              "window": int(window), "stride": None if stride is None else int(stride),
+              "device": model_device(model).type, "torch": torch.__version__.split("+")[0],
+              "transformers": transformers.__version__,
+              "code": _PERPLEXITY_CODE}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    path = cache_root(cache_dir) / "perplexity" / f"{key}.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        value = float(stored["perplexity"])
+        if stored.get("fields") == fields and math.isfinite(value) and value >= 1.0:
+            return value
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = perplexity(model, input_ids, window=window, stride=stride, batch_size=batch_size, progress=progress)
+    atomic_write_text(path, json.dumps({"fields": fields, "perplexity": value}))
+    return value
 
 
 @torch.no_grad()
