@@ -3,7 +3,7 @@
 One run = one recipe: the chapter's cut (6 middle blocks of 30 removed), distilled from the base model on
 Wikipedia's train split, then measured on the chapter's held-out Wikipedia eval text (4,096 tokens, window
 512). Recovery = (pruned - healed) / (pruned - base). Prints one JSON line per run and appends it to
-benchmarks/results/heal_recipe-cpu.jsonl. Wall and process CPU time of the distillation are recorded, with the
+benchmarks/results/heal_recipe-<cpu|cuda>.jsonl ($OUT when set). Wall and process CPU time of the distillation are recorded, with the
 load average before and after (the machine is shared).
 
     python benchmarks/heal_recipe.py --steps 20 --lr 1e-3 --first 11 --last 13 --hidden-cut 1.0
@@ -118,7 +118,9 @@ def main() -> None:
            "distill_wall_s": wall_s, "distill_cpu_s": cpu_s, "step_s": wall_s / args.steps,
            "final_loss": history.train[-1]["loss"], "curve": history.eval,
            "train_s_per_step": [row["train_s"] for row in history.train], "load_before": load_before, "load_after": os.getloadavg(),
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "threads": torch.get_num_threads(), "device": str(next(model.parameters()).device),
+           "dtype": str(next(model.parameters()).dtype),
+           "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.control:
         control = copy.deepcopy(model)
         _, _, c_cpu, c_wall = heal(control, n_layers)
@@ -126,7 +128,9 @@ def main() -> None:
         row["control_wall_s"], row["control_cpu_s"] = c_wall, c_cpu
     line = json.dumps(row)
     print(line, flush=True)
-    with open(ROOT / "benchmarks" / "results" / "heal_recipe-cpu.jsonl", "a") as f:
+    out = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    kind = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    with open(out / f"heal_recipe-{kind}.jsonl", "a") as f:
         f.write(line + "\n")
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import utils
-from utils import (batches as B, bias, book, bypass, bypass_modeling, distill, exercises, hooks, plots, routing,
-                   specialize, speed, training)
+from utils import (batches as B, bias, book, bypass, bypass_modeling, distill, exercises, explorers, hooks, plots,
+                   routing, serving, specialize, speed, training)
 
 
 @dataclass
@@ -70,6 +70,13 @@ def _example():
     from utils.specialize import Example
 
     return Example(task="classify", text="hi", label="ham", prompt="Is it spam? hi", answer="ham")
+
+
+def _with_environment(variables: dict, call: Callable[[], object]):
+    from unittest import mock
+
+    with mock.patch.dict("os.environ", variables):
+        return call()
 
 
 NAN = float("nan")
@@ -335,7 +342,99 @@ ROWS = [
         gap="not yet checked; today ValueError (expected TypeError): could not convert string to float: 'low'"),
     Row("training.train", lambda c: training.train(c.model, c.batches, lambda m, b: None, steps=True, lr=1e-3), TypeError, "steps", True,
         gap="not yet checked; today ValueError (expected TypeError): steps (optimizer steps) must be an integer >= 1, got True."),
-
+    # book (new)
+    Row("book.budget_tier", lambda c: _with_environment({"REARCH_BUDGET": "huge"}, book.budget_tier), ValueError, "REARCH_BUDGET"),
+    Row("book.recorded_time", lambda c: book.recorded_time("ch02", "tpu", None), ValueError, "kind"),
+    # bypass_modeling (new)
+    Row("bypass_modeling.check_attention_remains", lambda c: bypass_modeling.check_attention_remains(["full_attention"] * 2, {0, 1}), ValueError, "attention sublayer"),
+    Row("bypass_modeling.statically_bypassed", lambda c: bypass_modeling.statically_bypassed("blocks"), TypeError, "blocks",
+        gap="not yet checked; today accepted without an error"),
+    # depth (new)
+    Row("depth.kl_swap_search", lambda c: __import__("utils.depth").depth.kl_swap_search(c.model, c.batches, [1], radius=-1, progress=False), ValueError, "radius", True),
+    Row("depth.reference_log_probs", lambda c: __import__("utils.depth").depth.reference_log_probs(c.model, []), ValueError, "batches"),
+    Row("depth.removal_kl", lambda c: __import__("utils.depth").depth.removal_kl(c.model, c.batches, [], [1]), ValueError, "reference", True),
+    Row("depth.replace_span", lambda c: __import__("utils.depth").depth.replace_span(c.model, 1, 0, c.batches, progress=False), ValueError, "n", True),
+    Row("depth.select_window_by_distance", lambda c: __import__("utils.depth").depth.select_window_by_distance([NAN, 1.0, 2.0, 3.0], 1), ValueError, "distances"),
+    # distill (new)
+    Row("distill.cut_layer_map", lambda c: distill.cut_layer_map([9], 4), ValueError, "removed"),
+    # evaluation (new)
+    Row("evaluation.cached_perplexity", lambda c: __import__("utils.evaluation").evaluation.cached_perplexity(c.model, torch.arange(10), window=1, progress=False), ValueError, "window"),
+    Row("evaluation.model_fingerprint", lambda c: __import__("utils.evaluation").evaluation.model_fingerprint("model"), TypeError, "model",
+        gap="not yet checked; today AttributeError (expected TypeError): 'str' object has no attribute 'state_dict'"),
+    # exercises (new)
+    Row("exercises.check_ch02_ideal_speedup", lambda c: exercises.check_ch02_ideal_speedup(1.5, 4, 5), ValueError, "n_removed"),
+    Row("exercises.check_ch02_params_saved", lambda c: exercises.check_ch02_params_saved(10.0, -1, 100, 1000), ValueError, "blocks_removed"),
+    Row("exercises.check_ch02_recovery", lambda c: exercises.check_ch02_recovery("not a function"), TypeError, "recovery",
+        gap="not yet checked; today ValueError (expected TypeError): `recovery` must be a function recovery(base, pruned, healed), got 'not"),
+    Row("exercises.check_ch03_glu_parameters", lambda c: exercises.check_ch03_glu_parameters(1.0, 0, 128), ValueError, "hidden_size"),
+    Row("exercises.check_ch03_kv_bytes_per_token", lambda c: exercises.check_ch03_kv_bytes_per_token(1.0, 4, 0, 16, 4), ValueError, "n_kv_heads"),
+    Row("exercises.check_ch03_least_changed_block", lambda c: exercises.check_ch03_least_changed_block(0, []), ValueError, "mean_cosine"),
+    Row("exercises.check_ch04_angular_window", lambda c: exercises.check_ch04_angular_window([1, 2], [0.1, 0.2, 0.3], 0), ValueError, "n"),
+    Row("exercises.check_ch04_block_influence", lambda c: exercises.check_ch04_block_influence(3), TypeError, "block_influence",
+        gap="not yet checked; today ValueError (expected TypeError): `block_influence` must be a function (block_in, block_out, attention_m"),
+    Row("exercises.check_ch04_select_lowest", lambda c: exercises.check_ch04_select_lowest("select", [1.0, 2.0], 1), TypeError, "select",
+        gap="not yet checked; today ValueError (expected TypeError): `select` must be a function select(scores, n), got 'select'."),
+    Row("exercises.check_ch05_kept_width", lambda c: exercises.check_ch05_kept_width(1.0, 128, 150.0, 8), ValueError, "percent"),
+    Row("exercises.check_ch05_peak_to_peak", lambda c: exercises.check_ch05_peak_to_peak(lambda g, u: g, torch.zeros(2, 2), torch.zeros(3, 2)), ValueError, "gate"),
+    Row("exercises.check_ch05_removed_parameters", lambda c: exercises.check_ch05_removed_parameters(1.0, 64, 128, 256, 4), ValueError, "keep"),
+    Row("exercises.check_ch06_adapter_megabytes", lambda c: exercises.check_ch06_adapter_megabytes(1.0, -5, 1.0), ValueError, "trainable"),
+    Row("exercises.check_ch06_lora_parameters", lambda c: exercises.check_ch06_lora_parameters(1, 64, 64, 0, 128), ValueError, "rank"),
+    Row("exercises.check_ch06_rank_ratio", lambda c: exercises.check_ch06_rank_ratio(2.0, 100.0, 200.0, 8, 4), ValueError, "high",
+        gap="not yet checked; today accepted without an error"),
+    Row("exercises.check_ch07_better_method", lambda c: exercises.check_ch07_better_method("x", {}), ValueError, "ratios"),
+    Row("exercises.check_ch07_kv_bytes", lambda c: exercises.check_ch07_kv_bytes(1.0, 100.0, 50.0, 4, 5), ValueError, "bypassed"),
+    Row("exercises.check_ch07_kv_limit", lambda c: exercises.check_ch07_kv_limit(1.0, 4, 4), ValueError, "bypassed"),
+    Row("exercises.check_ch07_lowest_k", lambda c: exercises.check_ch07_lowest_k(lambda s, k: [], [1.0, 2.0], 5), ValueError, "k"),
+    Row("exercises.check_ch08a_allocation", lambda c: exercises.check_ch08a_allocation(lambda c, b, w: {}, {"a": [0.0, 1.0]}, -1, {"a": 1.0}), ValueError, "budget"),
+    Row("exercises.check_ch08a_batch_skips", lambda c: exercises.check_ch08a_batch_skips(1, {}, 0), ValueError, "skip_sets"),
+    Row("exercises.check_ch08a_more_skips", lambda c: exercises.check_ch08a_more_skips("a", {}), ValueError, "allocation"),
+    Row("exercises.check_ch08b_bias_metric", lambda c: exercises.check_ch08b_bias_metric(lambda g: 0.0, torch.zeros(3), 0.0), ValueError, "gaps"),
+    Row("exercises.check_ch08b_budget_choice", lambda c: exercises.check_ch08b_budget_choice(0, [0, 4], [1.0], [1.0, 1.0], 1.1), ValueError, "bias_ratio"),
+    Row("exercises.check_ch08b_random_change", lambda c: exercises.check_ch08b_random_change(1.0, NAN, 0.0), ValueError, "measured_change",
+        gap="not yet checked; today accepted without an error"),
+    # explorers
+    Row("explorers.check_results", lambda c: explorers.check_results({}, "x", ["y"]), ValueError, "results"),
+    Row("explorers.explore", lambda c: explorers.explore({"m": {"x": [1.0, 2.0], "y": [1.0, 2.0]}}, "x", "z", interactive=False), ValueError, "y"),
+    Row("explorers.explorer_widget", lambda c: explorers.explorer_widget("explorer"), TypeError, "explorer",
+        gap="not yet checked; today AttributeError (expected TypeError): 'str' object has no attribute 'results'"),
+    # models (new)
+    Row("models.saved_folder_kind", lambda c: __import__("utils.models").models.saved_folder_kind("/proc/rearch-missing"), FileNotFoundError, "folder",
+        gap="not yet checked; today ValueError (expected FileNotFoundError): /proc/rearch-missing has no config.json: it is not a saved model folde"),
+    # serving
+    Row("serving.attention_implementation", lambda c: serving.attention_implementation(c.model, "flash9").__enter__(), ValueError, "name", True,
+        gap="not yet checked; today accepted without an error"),
+    Row("serving.card_peaks", lambda c: serving.card_peaks(memory_bytes_per_s=-1.0), ValueError, "memory_bytes_per_s"),
+    Row("serving.check_step_arguments", lambda c: serving.check_step_arguments(0, 128, "auto", "decode"), ValueError, "batch_size"),
+    Row("serving.compile_blocks", lambda c: serving.compile_blocks(c.model, mode="fastest"), ValueError, "mode", True),
+    Row("serving.copy_bandwidth", lambda c: serving.copy_bandwidth("cpu", megabytes=0), ValueError, "megabytes"),
+    Row("serving.decode_attention", lambda c: serving.decode_attention(c.model.model.layers[0].self_attn, torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), None, dropout=0.5), ValueError, "dropout",
+        gap="not yet checked; today accepted without an error"),
+    Row("serving.decode_attention_matmul", lambda c: serving.decode_attention_matmul(c.model.model.layers[0].self_attn, torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), None, dropout=0.5), ValueError, "dropout",
+        gap="not yet checked; today accepted without an error"),
+    Row("serving.device_name", lambda c: serving.device_name(3.5), TypeError, "device"),
+    Row("serving.filled_static_cache", lambda c: serving.filled_static_cache(c.model, 1, 200, 100), ValueError, "context",
+        gap="not yet checked; today IndexError (expected ValueError): index_copy_(): index 100 is out of bounds for dimension 2 with size 10"),
+    Row("serving.prefill_report", lambda c: serving.prefill_report({}, tokens=16), ValueError, "models"),
+    Row("serving.python_hooks_suspended", lambda c: serving.python_hooks_suspended("model").__enter__(), TypeError, "model",
+        gap="not yet checked; today AttributeError (expected TypeError): 'str' object has no attribute 'modules'"),
+    Row("serving.register_decode_attention", lambda c: serving.register_decode_attention(matmul="yes"), TypeError, "matmul",
+        gap="not yet checked; today accepted without an error"),
+    Row("serving.relation_to_ideal", lambda c: serving.relation_to_ideal(1.0, 0.0), ValueError, "ideal"),
+    Row("serving.running_attention_blocks", lambda c: serving.running_attention_blocks("model"), TypeError, "model"),
+    Row("serving.served_decode_report", lambda c: serving.served_decode_report({}), ValueError, "models"),
+    Row("serving.served_decode_step", lambda c: serving.served_decode_step(c.model, context=0), ValueError, "context"),
+    Row("serving.spread", lambda c: serving.spread([]), ValueError, "values",
+        gap="not yet checked; today IndexError (expected ValueError): list index out of range"),
+    Row("serving.step_bytes", lambda c: serving.step_bytes(c.model, context=-1), ValueError, "context",
+        gap="not yet checked; today accepted without an error"),
+    # speed (new)
+    Row("speed.timed_call", lambda c: speed.timed_call("f"), TypeError, "function",
+        gap="not yet checked; today ValueError (expected TypeError): `function` must be callable with no arguments (use a lambda), got str."),
+    # width (new)
+    Row("width.literature_neuron_importance", lambda c: __import__("utils.width").width.literature_neuron_importance(c.model, {}, method="x"), ValueError, "method"),
+    Row("width.prune_glu_width_with_bias", lambda c: __import__("utils.width").width.prune_glu_width_with_bias(c.model, torch.rand(4, 128), torch.full((4, 128), NAN), percent=50), ValueError, "mean", True,
+        gap="not yet checked; today accepted without an error"),
+    Row("width.taylor_neuron_importance", lambda c: __import__("utils.width").width.taylor_neuron_importance(c.model, c.batches, aggregate="max", progress=False), ValueError, "aggregate"),
 ]
 
 
@@ -365,6 +464,9 @@ NO_INPUT = {
     "hooks.Captured": "a record filled by capture_activations",
     "specialize.Example": "a record made by make_examples",
     "bias.PromptPair": "a record made by prompt_pairs",
+    "explorers.live_kernel": "no arguments",
+    "explorers.Explorer": "a record made by explore (which checks the results with check_results)",
+    "exercises.check_ch06_merged_weight": "its one argument is the learner's answer, graded: a non-function gets a Feedback",
 }
 
 
@@ -406,3 +508,12 @@ def test_a_model_on_the_meta_device_is_refused_by_name(function):
     }
     with pytest.raises(ValueError, match="model is on the 'meta' device"):
         calls[function]()
+
+
+def test_shape_only_functions_accept_a_model_on_the_meta_device():
+    """Chapter 3 counts the parameters and bytes of real architectures built on the meta device."""
+    from utils.evaluation import count_parameters, model_size_bytes
+
+    model = meta_model()
+    assert count_parameters(model)["total"] > 0
+    assert model_size_bytes(model) > 0

@@ -193,14 +193,17 @@ def check_token_ids(name: str, value: object, vocab_size: int | None = None, dim
     return value
 
 
-def check_module(name: str, value: object) -> nn.Module:
+def check_module(name: str, value: object, allow_meta: bool = False) -> nn.Module:
     """Return `value` if it is a torch module whose weights are real (not on the `meta` device).
 
     A model on the meta device has shapes but no values: anything that runs or edits it would fail
-    with torch internals, so it is refused here with what to do instead.
+    with torch internals, so it is refused here with what to do instead. Functions that read only shapes
+    (counting parameters, sizes) pass `allow_meta=True`: Chapter 3 counts real architectures that way.
     """
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name} must be a torch model (nn.Module), got {_describe(value)}.")
+    if allow_meta:
+        return value
     for tensor in (*value.parameters(), *value.buffers()):
         if tensor.device.type == "meta":
             raise ValueError(f"{name} is on the 'meta' device (shapes without values): load real weights "

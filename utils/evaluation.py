@@ -229,7 +229,7 @@ def component_of(name: str) -> str:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts by component (tied embedding and LM head counted once) plus "total"."""
-    check_module("model", model)
+    check_module("model", model, allow_meta=True)
     counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0, "other": 0}
     for name, parameter in _unique_parameters(model).items():
         counts[component_of(name)] += parameter.numel()
@@ -239,7 +239,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes the model's parameters occupy in their current dtype (tied weights once)."""
-    check_module("model", model)
+    check_module("model", model, allow_meta=True)
     return sum(p.numel() * p.element_size() for p in _unique_parameters(model).values())
 
 
