@@ -7,9 +7,9 @@ first use, and run on a model held in memory (no hub access).
 from __future__ import annotations
 
 import contextlib
-import io
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
