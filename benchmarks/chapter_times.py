@@ -19,6 +19,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,9 @@ def main() -> None:
         try:
             client.execute()
         except Exception as exception:  # recorded, and the script fails at the end
-            error = f"{type(exception).__name__}: {str(exception)[-600:]}"
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exception) or traceback.format_exc())  # without colours
+            # the failing cell's source (head of the message) and the error itself (its tail)
+            error = f"{type(exception).__name__}: {text if len(text) < 2000 else text[:1000] + ' ... ' + text[-1000:]}"
             failed = True
         seconds = round(time.perf_counter() - start, 1)
         run = {"chapter": str(notebook_path.relative_to(ROOT)), "commit": args.commit,
