@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -210,6 +212,29 @@ def check_module(name: str, value: object, allow_meta: bool = False) -> nn.Modul
                              f"first, e.g. utils.models.load_model or build_from_config(..., device='cpu').")
         break
     return value
+
+
+def check_callable(name: str, value: object, signature: str = "") -> object:
+    """Return `value` if it can be called, else raise a TypeError naming the argument and the expected call.
+
+    `signature` shows how it will be called, e.g. "recovery(base, pruned, healed)".
+    """
+    if not callable(value):
+        shape = f" {signature}" if signature else ""
+        raise TypeError(f"{name} must be a function{shape}, got {_describe(value)}.")
+    return value
+
+
+def check_folder(name: str, value: object) -> Path:
+    """Return `value` as a Path to an existing folder: TypeError for anything but a str or os.PathLike,
+    FileNotFoundError (naming the argument) when no such folder exists."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a folder path (str or Path), got {_describe(value)}.")
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name} must be an existing folder, got {str(value)!r} "
+                                f"({'a file' if path.exists() else 'no such folder'}).")
+    return path
 
 
 def model_vocab_size(model: nn.Module) -> int | None:

@@ -635,15 +635,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_layer_indices(model: nn.Module, indices: list[int]) -> list[int]:
+def check_layer_indices(model: nn.Module, indices: list[int], name: str = "indices") -> list[int]:
     """Validate layer indices against a model's decoder blocks and return them as a sorted list.
 
     Raises a TypeError for anything but integers (a string such as "12" is not read digit by digit; a
     float or bool is not truncated) and a ValueError that names the valid range for an index out of
-    range, and for duplicates.
+    range, and for duplicates. `name` is the caller's argument, which the errors name.
     """
     n_layers = len(decoder_layers(model))
-    indices = check_indices("indices", indices, n_layers)
+    indices = check_indices(name, indices, n_layers)
     return sorted(indices)
 
 
