@@ -57,16 +57,19 @@ def check_optional_int(name: str, value: object, minimum: int | None = None, max
 
 
 def check_number(name: str, value: object, minimum: float | None = None, maximum: float | None = None,
-                 strict_minimum: bool = False) -> float:
+                 strict_minimum: bool = False, finite: bool = True) -> float:
     """Return a finite real number as a float, or raise: TypeError for a bool, str or tensor of many
     values, ValueError for NaN, infinity, or a value outside [minimum, maximum] (minimum excluded when
-    `strict_minimum`)."""
+    `strict_minimum`). `finite=False` lets NaN and infinities through (a measurement that can honestly be
+    undefined, such as the recall of a class with no example); the type is checked all the same."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_describe(value)}.")
     value = float(value)
     if not math.isfinite(value):
+        if not finite:
+            return value
         raise ValueError(f"{name} must be finite, got {value}.")
     below = value <= minimum if strict_minimum and minimum is not None else minimum is not None and value < minimum
     if below or maximum is not None and value > maximum:
