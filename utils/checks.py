@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -78,6 +78,26 @@ def check_number(name: str, value: object, minimum: float | None = None, maximum
         interval = f"{'(' if strict_minimum else '['}{low}, {high}]"
         raise ValueError(f"{name} must be in {interval}, got {value}.")
     return value
+
+
+def check_numbers(name: str, values: object, allow_empty: bool = False, finite: bool = True) -> list[float]:
+    """Return a sequence of real numbers (list, tuple, 1-D tensor or array) as a list of floats, or raise.
+
+    A string, a single number or a dict is a TypeError, and so is any element that is not a real number
+    (the error names the element, e.g. `values[2]`); a NaN or infinite element is a ValueError unless
+    `finite=False`, and so is an empty sequence unless `allow_empty`.
+    """
+    if isinstance(values, (str, bytes, Mapping)) or isinstance(values, numbers.Number) \
+            or isinstance(values, torch.Tensor) and values.dim() != 1:
+        raise TypeError(f"{name} must be a sequence of numbers (a list or a 1-D tensor), got {_describe(values)}.")
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers (a list or a 1-D tensor), got {_describe(values)}.")
+    result = [check_number(f"{name}[{position}]", value, finite=finite) for position, value in enumerate(values)]
+    if not allow_empty and not result:
+        raise ValueError(f"{name} must hold at least one number, got an empty sequence.")
+    return result
 
 
 def check_bool(name: str, value: object) -> bool:
