@@ -206,8 +206,8 @@ def test_scale_in_place_and_bad_neuron_sets(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(decoder_layers(reloaded)[2].mlp.down_proj.weight.to(weight.device), weight)
-    for neurons, factor, message in [({9: [0]}, 0.0, "out of range"), ({0: [500]}, 0.0, "must be unique"),
-                                     ({0: [1, 1]}, 0.0, "must be unique"), ({0: [1]}, 1.5, "factor")]:
+    for neurons, factor, message in [({9: [0]}, 0.0, "out of range"), ({0: [500]}, 0.0, "out of range"),
+                                     ({0: [1, 1]}, 0.0, "Duplicate"), ({0: [1]}, 1.5, "factor")]:
         with pytest.raises(ValueError, match=message):
             scale_neurons_(model, neurons, factor)
 
@@ -264,3 +264,37 @@ def test_bias_by_attribute_and_evaluate_pruning(llama):
     pruned = evaluate_pruning(model, tokenizer, {1: list(range(0, 128, 2))}, pairs, ids, window=32)
     assert pruned["perplexity"] != pytest.approx(untouched["perplexity"])
     assert all(torch.equal(a, b) for a, b in zip(before, down_proj_weights(model)))
+
+
+def test_contexts_and_perplexity_windows_begin_with_bos_where_the_tokenizer_adds_one(llama):
+    """evaluate_pruning (and every bias measurement) turns text into ids the way the tokenizer begins a text."""
+    from utils.data import token_ids
+    from utils.evaluation import perplexity
+    from utils.models import tiny_tokenizer
+
+    model, plain = llama
+    with_bos = tiny_tokenizer(add_bos=True)  # begins every text with BOS (id 256), as Llama 3 does
+    pairs = prompt_pairs("held_out", "gender")[:2]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"][:, 0].tolist()),
+                                           with_kwargs=True)
+    try:
+        ids = token_ids(plain, "wikipedia", "eval", max_tokens=64)  # a stream without BOS
+        report = evaluate_pruning(model, with_bos, {}, pairs, ids, window=32)
+        assert seen and all(first == [256] * len(first) for first in seen)
+        seen.clear()
+        untouched = evaluate_pruning(model, plain, {}, pairs, ids, window=32)
+        assert 256 not in sum(seen, [])
+    finally:
+        hook.remove()
+    assert report["perplexity"] == pytest.approx(perplexity(model, ids, window=32, progress=False, bos_token_id=256))
+    assert untouched["perplexity"] == pytest.approx(perplexity(model, ids, window=32, progress=False))
+    assert torch.allclose(report["gaps"], stereotype_gaps(model, with_bos, pairs))
+    assert not torch.allclose(report["gaps"], untouched["gaps"])
+    context, continuation = pairs[0].context_a, pairs[0].stereotyped
+    encode = lambda text: plain(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = torch.tensor([[256] + encode(context) + encode(continuation)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])
+    by_hand = logprobs[-len(encode(continuation)):].sum()
+    assert continuation_logprobs(model, with_bos, [context], [continuation])[0] == pytest.approx(float(by_hand), abs=1e-4)

@@ -127,5 +127,5 @@ def test_timed_call_returns_the_result_and_both_clocks():
     result, seconds = timed_call(lambda: sum(i * i for i in range(200_000)))
     assert result == sum(i * i for i in range(200_000))
     assert seconds["wall_s"] > 0 and seconds["cpu_s"] > 0
-    with pytest.raises(ValueError, match="callable"):
+    with pytest.raises(TypeError, match="function must be a function called with no arguments"):
         timed_call(3)

@@ -117,8 +117,11 @@ def test_save_and_reload_identical(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # the weights folder is an ordinary model
     assert torch.equal(plain.state_dict()["model.layers.1.self_attn.q_proj.weight"],
                        model.state_dict()["model.layers.1.self_attn.q_proj.weight"])
-    with pytest.raises(ValueError, match="adaptive_router.json"):
+    with pytest.raises(FileNotFoundError, match="folder"):
         load_adaptive(tmp_path / "missing")
+    (tmp_path / "no_router").mkdir()
+    with pytest.raises(ValueError, match="adaptive_router.json"):
+        load_adaptive(tmp_path / "no_router")
 
 
 def test_fitting_steps_and_skipping_helps_where_expected():

@@ -280,3 +280,28 @@ def test_excluded_texts_never_reach_the_drawn_examples():
     train = sms_examples("validation", "classify", n_per_class=15, max_chars=40, seed=1,
                          exclude=[e.text for e in held_out])
     assert not {e.text for e in train} & {e.text for e in held_out}
+
+
+def test_specialist_report_follows_the_tokenizers_bos_convention(llama):
+    """Where the tokenizer begins a text with BOS (Llama 3, Gemma), so do the report's perplexity windows;
+    the chat-formatted prompts get theirs from the chat template. lm-eval is stubbed: only the ids matter here."""
+    from unittest import mock
+
+    import pandas as pd
+
+    from utils.evaluation import perplexity
+    from utils.models import tiny_tokenizer
+
+    model, plain = llama
+    with_bos = tiny_tokenizer(add_bos=True)  # begins every text with BOS (id 256)
+    wiki = torch.randint(0, 100, (48,))  # a stream without BOS
+    stub = pd.DataFrame([{"task": "rearch_analogy", "metric": "acc", "value": 0.5, "stderr": 0.0}])
+    with mock.patch("utils.specialize.run_lm_eval", return_value=stub):
+        row, _ = specialist_report(model, with_bos, _examples("classify")[:2], _examples("extract")[:1],
+                                   wiki_ids=wiki, window=16, max_new_tokens=2)
+        plain_row, _ = specialist_report(model, plain, _examples("classify")[:2], _examples("extract")[:1],
+                                         wiki_ids=wiki, window=16, max_new_tokens=2)
+    assert row["wiki ppl"] == pytest.approx(perplexity(model, wiki, window=16, progress=False, bos_token_id=256))
+    assert plain_row["wiki ppl"] == pytest.approx(perplexity(model, wiki, window=16, progress=False))
+    assert row["wiki ppl"] != pytest.approx(plain_row["wiki ppl"])
+    assert prompt_token_ids(with_bos, "hi")[0] == 256  # the chat template's own BOS

@@ -81,7 +81,7 @@ def test_history_rows_and_evaluation_schedule(batches, one_thread):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(lr=0), "lr"), (dict(grad_accum=0), "grad_accum"),
+    (dict(steps=0), "steps"), (dict(lr=0), "lr"), (dict(grad_accum=0), "grad_accum"),
     (dict(warmup_steps=5), "warmup_steps"), (dict(eval_every=0), "eval_every"), (dict(max_grad_norm=0), "max_grad_norm"),
     (dict(weight_decay=-1), "weight_decay"), (dict(mixed_precision="fp8"), "mixed_precision"),
 ])
@@ -92,6 +92,14 @@ def test_bad_arguments_name_themselves(kwargs, message, batches):
     with pytest.raises(ValueError, match=message):
         train(model, batches, _lm_loss, **arguments)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(steps=2.5), "steps"), (dict(steps=True), "steps"),
+                                             (dict(lr="1e-3"), "lr"), (dict(warmup_steps=1.0), "warmup_steps")])
+def test_arguments_of_the_wrong_type_are_type_errors(kwargs, message, batches):
+    model, _ = load_model("tiny-llama")
+    with pytest.raises(TypeError, match=message):
+        train(model, batches, _lm_loss, **(dict(steps=2, lr=1e-3, progress=False) | kwargs))
 
 
 def test_a_loss_function_must_return_a_loss(batches):

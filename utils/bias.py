@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -54,6 +55,8 @@ from .batches import (
     to_device,
     token_counts,
 )
+from .checks import check_finite, check_indices, check_int, check_module, check_number, check_positive_int
+from .data import bos_ids
 from .evaluation import perplexity
 from .hooks import capture_activations
 from .models import check_layer_indices, decoder_layers, glu_projections, model_device
@@ -186,17 +189,25 @@ def prompt_pairs(split: str = "all", attributes: Sequence[str] | str | None = No
 
 
 def _check_pairs(pairs: Sequence[PromptPair]) -> list[PromptPair]:
+    if isinstance(pairs, (str, bytes, PromptPair)) or not isinstance(pairs, Iterable):
+        raise TypeError(f"pairs must be a list of PromptPair (see prompt_pairs), got {type(pairs).__name__}.")
     pairs = list(pairs)
     if not pairs:
-        raise ValueError("The prompt pair set is empty; build pairs with prompt_pairs(split, attributes).")
+        raise ValueError("The prompt pair set is empty: pairs must hold at least one PromptPair; build them with "
+                         "prompt_pairs(split, attributes).")
     bad = [p for p in pairs if not isinstance(p, PromptPair)]
     if bad:
-        raise ValueError(f"Expected PromptPair items (see prompt_pairs), got {type(bad[0]).__name__}.")
+        raise TypeError(f"pairs must hold PromptPair items (see prompt_pairs), got {type(bad[0]).__name__}.")
     return pairs
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode_context(tokenizer, text: str, prefix: list[int]) -> list[int]:
+    """A context's ids as model input: the tokenizer's own prefix (`utils.data.bos_ids`, often none) first."""
+    return prefix + _encode(tokenizer, text)
 
 
 def check_equal_lengths(tokenizer, pairs: Sequence[PromptPair]) -> None:
@@ -229,7 +240,8 @@ def _continuation_batch(tokenizer, contexts: Sequence[str], continuations: Seque
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded context+continuation ids, their attention mask, and a mask of the continuation tokens."""
     pad_id = pad_token_id(tokenizer)
-    context_ids = [_encode(tokenizer, c) for c in contexts]
+    prefix = bos_ids(tokenizer)  # contexts begin the way the tokenizer begins a text (a BOS for Llama 3)
+    context_ids = [_encode_context(tokenizer, c, prefix) for c in contexts]
     continuation_ids = [_encode(tokenizer, c) for c in continuations]
     if any(not ids for ids in continuation_ids) or any(not ids for ids in context_ids):
         raise ValueError("Every context and continuation must contain at least one token.")
@@ -255,8 +267,10 @@ def continuation_logprobs(model: nn.Module, tokenizer, contexts: Sequence[str], 
     """Log-probability of each continuation after its context, summed over the continuation's tokens.
 
     Context and continuation are tokenized separately and concatenated, so the context's tokens are the
-    same whatever follows. Returns Tensor[len(contexts)] (float32, CPU).
+    same whatever follows; each context begins the way the tokenizer begins a text (`utils.data.bos_ids`:
+    a BOS for Llama 3 and Gemma, nothing for SmolLM2). Returns Tensor[len(contexts)] (float32, CPU).
     """
+    batch_size = check_positive_int("batch_size", batch_size)
     if len(contexts) != len(continuations) or not contexts:
         raise ValueError(f"Need as many continuations as contexts, at least one (got {len(contexts)} and "
                          f"{len(continuations)}).")
@@ -278,6 +292,7 @@ def _gap_inputs(pairs: Sequence[PromptPair]) -> tuple[list[str], list[str]]:
 def stereotype_gaps(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], batch_size: int = 32) -> torch.Tensor:
     """For each pair and side, log p(stereotyped) - log p(anti-stereotyped): Tensor[n_pairs, 2] (side A, side B)."""
     pairs = _check_pairs(pairs)
+    batch_size = check_positive_int("batch_size", batch_size)
     contexts, continuations = _gap_inputs(pairs)
     logprobs = continuation_logprobs(model, tokenizer, contexts, continuations, 4 * batch_size).view(len(pairs), 2, 2)
     return logprobs[..., 0] - logprobs[..., 1]
@@ -321,14 +336,16 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], p
     pairs = _check_pairs(pairs)
     if pooling not in POOLING:
         raise ValueError(f"Unknown pooling {pooling!r}; known: {', '.join(POOLING)}.")
-    layers = check_layer_indices(model, list(range(len(decoder_layers(model)))) if layers is None else list(layers))
+    batch_size = check_positive_int("batch_size", batch_size)
+    layers = check_layer_indices(model, list(range(len(decoder_layers(model)))) if layers is None else layers, name="layers")
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
+    prefix = bos_ids(tokenizer)
     pooled_batches = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="pair activations", disable=not progress, leave=False):
         rows, weights = [], []
         for p in pairs[start:start + batch_size]:
-            ids_a, ids_b = _encode(tokenizer, p.context_a), _encode(tokenizer, p.context_b)
+            ids_a, ids_b = _encode_context(tokenizer, p.context_a, prefix), _encode_context(tokenizer, p.context_b, prefix)
             first = _first_difference(ids_a, ids_b) if pooling == "from_attribute" else None
             for ids in (ids_a, ids_b):
                 begin = len(ids) - 1 if first is None else first
@@ -356,6 +373,7 @@ def neuron_bias_scores(activations: torch.Tensor, standardize: bool = True) -> t
     The mean over pairs of activation(side A) - activation(side B); with `standardize`, divided by the
     neuron's standard deviation over all prompts of both sides (a neuron that never varies scores 0).
     """
+    check_finite("activations", activations)
     if activations.dim() != 4 or activations.shape[1] != 2 or len(activations) == 0:
         raise ValueError("activations must have shape [n_pairs >= 1, 2, n_layers, intermediate] "
                          f"(see pair_activations), got {tuple(activations.shape)}.")
@@ -371,12 +389,17 @@ def token_differences(model: nn.Module, tokenizer, pair: PromptPair, layers: Seq
     """Token-by-token signed difference of the MLP intermediate activation between the two sides of one pair.
 
     Returns Tensor[n_layers, n_tokens, intermediate] (side A minus side B). The two contexts must
-    tokenize to the same length (a ValueError says otherwise).
+    tokenize to the same length (a ValueError says otherwise). Each side begins the way the tokenizer
+    begins a text (`utils.data.bos_ids`), so with a BOS the first token is that shared BOS.
     """
+    if not isinstance(pair, PromptPair):
+        raise TypeError(f"pair must be one PromptPair (see prompt_pairs), got {type(pair).__name__}.")
+    layers = check_layer_indices(model, list(range(len(decoder_layers(model)))) if layers is None else layers, name="layers")
     check_equal_lengths(tokenizer, [pair])
-    layers = check_layer_indices(model, list(range(len(decoder_layers(model)))) if layers is None else list(layers))
     device = model_device(model)
-    ids = torch.tensor([_encode(tokenizer, pair.context_a), _encode(tokenizer, pair.context_b)], device=device)
+    prefix = bos_ids(tokenizer)
+    ids = torch.tensor([_encode_context(tokenizer, pair.context_a, prefix),
+                        _encode_context(tokenizer, pair.context_b, prefix)], device=device)
     with capture_activations(model, layers=layers, points=("mlp_act",)) as captured:
         model(input_ids=ids, use_cache=False)
     both_sides = torch.stack([captured.stacked("mlp_act", layer).float() for layer in layers])  # [layers, 2, T, I]
@@ -438,6 +461,8 @@ def bias_attribution(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], g
     pairs = _check_pairs(pairs)
     if gated_tokens not in ("from_attribute", "all"):
         raise ValueError(f"Unknown gated_tokens {gated_tokens!r} for bias_attribution; known: from_attribute, all.")
+    batch_size = check_positive_int("batch_size", batch_size)
+    prefix = bos_ids(tokenizer)
     gaps = stereotype_gaps(model, tokenizer, pairs)
     signs = torch.sign(gaps[:, 0] - gaps[:, 1])
     with _neuron_gates(model) as (gates, position_mask, _):
@@ -448,7 +473,8 @@ def bias_attribution(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], g
             gated = mask.bool().clone()
             if gated_tokens == "from_attribute":
                 for i, p in enumerate(chunk):
-                    first = _first_difference(_encode(tokenizer, p.context_a), _encode(tokenizer, p.context_b))
+                    first = _first_difference(_encode_context(tokenizer, p.context_a, prefix),
+                                              _encode_context(tokenizer, p.context_b, prefix))
                     gated[4 * i:4 * i + 4, :first] = False
             position_mask[:] = [gated.to(model_device(model))]
             logprobs = _summed_logprobs(model, ids, mask, scored).view(len(chunk), 2, 2)
@@ -495,7 +521,11 @@ def fair_pruning_scores(bias_gain: torch.Tensor, utility: Mapping[str, torch.Ten
     -inf): neurons above the `magnitude_quantile` of magnitude over the model, and every neuron of the
     first `protect_first` and last `protect_last` blocks (they act on every token: embeddings in, logits out).
     """
-    cost, magnitude = utility["cost"], utility["magnitude"]
+    check_finite("bias_gain", bias_gain)
+    if not isinstance(utility, Mapping) or not {"cost", "magnitude"} <= set(utility):
+        raise ValueError(f"utility must be the dict of neuron_utility, with 'cost' and 'magnitude'; got "
+                         f"{sorted(utility) if isinstance(utility, Mapping) else type(utility).__name__}.")
+    cost, magnitude = check_finite("utility['cost']", utility["cost"]), check_finite("utility['magnitude']", utility["magnitude"])
     if bias_gain.shape != cost.shape or cost.shape != magnitude.shape or bias_gain.dim() != 2:
         raise ValueError(f"bias_gain {tuple(bias_gain.shape)}, cost {tuple(cost.shape)} and magnitude "
                          f"{tuple(magnitude.shape)} must share one shape [n_layers, intermediate].")
@@ -562,7 +592,15 @@ def _neuron_set(flat_indices: torch.Tensor, intermediate: int) -> NeuronSet:
 
 def neuron_count(neurons: NeuronSet) -> int:
     """Number of neurons in a neuron set."""
-    return sum(len(indices) for indices in neurons.values())
+    return sum(len(indices) for indices in _check_neuron_set(neurons).values())
+
+
+def _check_neuron_set(neurons: Mapping[int, Sequence[int]], upper: int | None = None) -> NeuronSet:
+    """A neuron set {layer: [neuron indices]} with integer keys and unique integer indices (below `upper`)."""
+    if not isinstance(neurons, Mapping):
+        raise TypeError(f"neurons must be a dict {{layer index: [neuron indices]}}, got {type(neurons).__name__}.")
+    return {check_indices("neurons (its layer keys)", [layer])[0]: check_indices(f"neurons[{layer}]", indices, upper)
+            for layer, indices in neurons.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -571,23 +609,20 @@ def neuron_count(neurons: NeuronSet) -> int:
 
 def _down_proj_columns(model: nn.Module, neurons: Mapping[int, Sequence[int]]) -> list[tuple[nn.Linear, torch.Tensor]]:
     """Validate a neuron set against the model and return (down_proj, column index tensor) per layer."""
+    check_module("model", model)
     blocks = decoder_layers(model)
-    check_layer_indices(model, list(neurons))
+    neurons = _check_neuron_set(neurons)
+    check_layer_indices(model, list(neurons), name="neurons (its layer keys)")
     targets = []
     for layer, indices in neurons.items():
         down_proj = glu_projections(blocks[layer])[2]
-        width = down_proj.in_features
-        bad = [i for i in indices if not 0 <= int(i) < width]
-        if bad or len(set(indices)) != len(indices):
-            raise ValueError(f"Neuron indices of layer {layer} must be unique and in 0..{width - 1}, got {sorted(indices)}.")
-        targets.append((down_proj, torch.tensor(sorted(int(i) for i in indices), dtype=torch.long,
-                                                device=down_proj.weight.device)))
+        check_indices(f"neurons[{layer}]", indices, down_proj.in_features)
+        targets.append((down_proj, torch.tensor(sorted(indices), dtype=torch.long, device=down_proj.weight.device)))
     return targets
 
 
 def _check_factor(factor: float) -> None:
-    if not 0.0 <= factor <= 1.0:
-        raise ValueError(f"factor must be in [0, 1] (0 prunes, 1 leaves the neurons alone), got {factor}.")
+    check_number("factor", factor, 0.0, 1.0)  # 0 prunes, 1 leaves the neurons alone
 
 
 @torch.no_grad()
@@ -633,10 +668,15 @@ def evaluate_pruning(model: nn.Module, tokenizer, neurons: Mapping[int, Sequence
                      eval_ids: torch.Tensor, window: int = 512, factor: float = 0.0) -> dict[str, object]:
     """Bias of `pairs` and perplexity of `eval_ids` with the neurons scaled by `factor`; the weights are restored after.
 
+    Text becomes ids the way the tokenizer begins a text (`utils.data.bos_ids`): each pair's contexts and
+    each perplexity window begin with its BOS where it adds one (Llama 3, Gemma), nothing for SmolLM2.
     Returns {"bias", "signed", "perplexity", "gaps"} (gaps: Tensor[n_pairs, 2], for per-attribute views).
     """
+    pairs = _check_pairs(pairs)
+    window = check_int("window", window, minimum=2)
+    bos = bos_ids(tokenizer)
     with neurons_scaled(model, neurons, factor):
         gaps = stereotype_gaps(model, tokenizer, pairs)
-        ppl = perplexity(model, eval_ids, window=window, progress=False)
+        ppl = perplexity(model, eval_ids, window=window, progress=False, bos_token_id=bos[-1] if bos else None)
     metric = bias_from_gaps(gaps)
     return {"bias": metric["bias"], "signed": metric["signed"], "perplexity": ppl, "gaps": gaps}

@@ -18,7 +18,18 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 def shown(value: object) -> str:
-    """A short, readable rendering of a glued value: 4 significant digits for floats."""
+    """A short, readable rendering of a glued value: 4 significant digits for floats.
+
+    A NaN or infinite number is refused (a ValueError): a sentence of the book never quotes one.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        from .checks import check_number  # here, not at the top: importing the book stays light (no torch)
+
+        check_number("value", value)
+    return _shown(value)
+
+
+def _shown(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return str(value)
     if isinstance(value, numbers.Integral):
@@ -42,7 +53,7 @@ def glue(name: str, value: object, display: bool = False) -> None:
         from IPython.display import display as show
 
         show(value)
-    print(f"{name} = {shown(value)}")
+    print(f"{name} = {_shown(value)}")  # as glued, even a NaN (the printed line shows what the book got)
 
 
 BUDGET_TIERS = ("quick", "cpu", "gpu")

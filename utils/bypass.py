@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,8 +36,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .checks import check_module
 from .batches import Batch
+from .checks import check_folder, check_module
 from .bypass_modeling import (
     BYPASSED_LAYERS_KEY,
     LOADER_CLASS,
@@ -166,6 +167,9 @@ def save_bypassed(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     {"AutoModelForCausalLM": "modeling_bypass.AttentionBypassedForCausalLM"}. The tokenizer is saved too
     when given. Raises a ValueError for a model without bypassed attention (save it with save_pretrained).
     """
+    if isinstance(folder, bool) or not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a folder path (str or Path), got {type(folder).__name__}.")
+    check_module("model", model)
     bypassed = statically_bypassed(decoder_layers(model))
     if not bypassed:
         raise ValueError("This model has no bypassed attention sublayer: save it with model.save_pretrained.")
@@ -193,10 +197,11 @@ def load_bypassed(folder: str | Path, **kwargs) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)`, in eval mode.
 
     Only a folder written by `save_bypassed` (or one you trust) should be loaded this way: remote code runs
-    the `modeling_bypass.py` the folder holds.
+    the `modeling_bypass.py` the folder holds. `folder` must exist (a name is never looked up on the Hub).
     """
     from transformers import AutoModelForCausalLM
 
+    folder = check_folder("folder", folder)
     return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, **kwargs).eval()
 
 

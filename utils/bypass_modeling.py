@@ -38,6 +38,46 @@ MODELING_FILE = "modeling_bypass.py"
 LOADER_CLASS = "AttentionBypassedForCausalLM"
 
 
+# Entry checks. This file cannot import `utils.checks` (a saved folder holds it alone), so it has these few
+# of its own, worded like `utils.checks`: a TypeError for a wrong type, a ValueError out of range, each
+# naming the argument.
+
+def _check_module(name: str, value: object) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch module (nn.Module), got {type(value).__name__}.")
+    return value
+
+
+def _check_module_class(name: str, value: object) -> type:
+    if not isinstance(value, type) or not issubclass(value, nn.Module):
+        raise TypeError(f"{name} must be a torch module class (a subclass of nn.Module, such as "
+                        f"LlamaDecoderLayer), got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _check_indices(name: str, values: object, upper: int) -> list[int]:
+    """Integer block indices in 0..upper-1, without duplicates (a string or a float is not an index)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a collection of integer block indices, got {type(values).__name__} {values!r}.")
+    result = []
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+                and value.dtype != torch.bool:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) and type(value).__name__ not in _NUMPY_INTEGERS:
+            raise TypeError(f"{name} must hold integers only, got {type(value).__name__} {value!r}.")
+        result.append(int(value))
+    bad = [value for value in result if not 0 <= value < upper]
+    if bad:
+        raise ValueError(f"{name} has indices out of range {bad}: valid indices are 0..{upper - 1}.")
+    if len(set(result)) != len(result):
+        raise ValueError(f"Duplicate indices in {name}: each index may appear once, got {result}.")
+    return result
+
+
+_NUMPY_INTEGERS = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+
+
 def _blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks at model.model.layers (the layout of every family this file supports)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -53,6 +93,7 @@ def attention_only_modules(block: nn.Module) -> list[str]:
     `pre_feedforward_layernorm`, also `post_attention_layernorm`, which normalizes the attention output.
     Raises a ValueError when the block has no `self_attn`, or no norm before its MLP.
     """
+    _check_module("block", block)
     if not isinstance(getattr(block, "self_attn", None), nn.Module):
         raise ValueError(f"{type(block).__name__} has no 'self_attn' module: its attention sublayer cannot be found, "
                          "so it cannot be bypassed (supported: Llama, Qwen 2/3, Mistral and Gemma 3 style blocks).")
@@ -76,6 +117,13 @@ class AttentionBypassedBlock(nn.Module):
 
     attention_bypassed = True  # the mark `is_bypassed` reads: this class may also come from a saved folder's copy
 
+    def __init__(self, config, *args, **kwargs):
+        """Built only as part of a family's class (`bypassed_block_class`), with that family's arguments."""
+        if type(self) is AttentionBypassedBlock:
+            raise TypeError("AttentionBypassedBlock is a mix-in: build bypassed_block_class(<family block class>)"
+                            "(config, ...) instead, or bypass a model's blocks with utils.bypass.bypass_attention.")
+        super().__init__(config, *args, **kwargs)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         residual = hidden_states
         if hasattr(self, "pre_feedforward_layernorm"):
@@ -91,6 +139,7 @@ class AttentionBypassedBlock(nn.Module):
 @lru_cache(maxsize=None)
 def bypassed_block_class(block_class: type) -> type:
     """The subclass of a decoder block class whose forward is the MLP branch only (one class per family)."""
+    _check_module_class("block_class", block_class)
     return type(f"AttentionBypassed{block_class.__name__}", (AttentionBypassedBlock, block_class), {})
 
 
@@ -99,7 +148,14 @@ def set_block_class(block: nn.Module, block_class: type) -> None:
 
     A model loaded with a `device_map` has accelerate hooks that saved each block's original bound
     forward as `_old_forward` and call that; it must follow the class change, or the old forward runs.
+    `block_class` must be the block's own class or a class derived from it (its attributes stay valid).
     """
+    _check_module("block", block)
+    _check_module_class("block_class", block_class)
+    family = [cls for cls in type(block).__mro__ if not getattr(cls, "attention_bypassed", False)][0]
+    if not issubclass(block_class, family):
+        raise TypeError(f"block_class {block_class.__name__} is not derived from the block's family class "
+                        f"{family.__name__}: the block's attributes would not fit its forward.")
     block.__class__ = block_class
     if hasattr(block, "_hf_hook") and hasattr(block, "_old_forward"):
         block._old_forward = types.MethodType(block_class.forward, block)
@@ -108,12 +164,21 @@ def set_block_class(block: nn.Module, block_class: type) -> None:
 def is_bypassed(block: nn.Module) -> bool:
     """Whether a decoder block's attention sublayer is bypassed (also for blocks built by the copy of this
     file that transformers imports from a saved folder, whose classes are distinct objects)."""
+    _check_module("block", block)
+    return _marked_bypassed(block)
+
+
+def _marked_bypassed(block: object) -> bool:
     return getattr(type(block), "attention_bypassed", False) is True
 
 
 def attention_types(config, n_layers: int) -> list[str]:
     """Attention type of each block, as the KV cache sees it: `config.layer_types` when the family has it,
     else one type for all blocks ("sliding_attention" when the config sets a sliding window)."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int):
+        raise TypeError(f"n_layers must be an integer, got {type(n_layers).__name__} {n_layers!r}.")
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be an integer >= 1 (the number of decoder blocks), got {n_layers}.")
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return [str(kind) for kind in layer_types]
@@ -126,7 +191,9 @@ def cache_slots(types: list[str], bypassed: set[int]) -> dict[int, int]:
 
     Within each attention type, the i-th kept block of that type gets the slot of the i-th block of that
     type, so every slot keeps its type and the first slot of each type that is still used is filled.
+    `bypassed` holds block indices in 0..len(types)-1.
     """
+    bypassed = set(_check_indices("bypassed", bypassed, len(types)))
     slots: dict[int, int] = {}
     for kind in dict.fromkeys(types):
         same_type = [index for index, other in enumerate(types) if other == kind]
@@ -140,8 +207,13 @@ def statically_bypassed(blocks) -> list[int]:
 
     Blocks that only run the bypassed forward for a while (inside `attention_skipped`, or skipped by an
     adaptive router) keep their attention module and are not counted: they keep their KV-cache slot.
+    `blocks` is the model's decoder blocks (an nn.ModuleList or a list; a None entry, a block being
+    removed, counts as not bypassed).
     """
-    return [index for index, block in enumerate(blocks) if is_bypassed(block) and not hasattr(block, "self_attn")]
+    if isinstance(blocks, (str, bytes, nn.Module)) and not isinstance(blocks, nn.ModuleList) \
+            or not hasattr(blocks, "__iter__"):
+        raise TypeError(f"blocks must be a list of decoder blocks (model.model.layers), got {type(blocks).__name__}.")
+    return [index for index, block in enumerate(blocks) if _marked_bypassed(block) and not hasattr(block, "self_attn")]
 
 
 def check_attention_remains(types: list[str], bypassed: set[int]) -> None:
@@ -164,7 +236,8 @@ def apply_bypass(model: nn.Module, indices: list[int]) -> None:
     past length from cache slot 0, which would then stay empty).
     """
     blocks = _blocks(model)
-    bypassed = set(statically_bypassed(blocks)) | {int(index) for index in indices}
+    indices = _check_indices("indices", indices, len(blocks))
+    bypassed = set(statically_bypassed(blocks)) | set(indices)
     types = attention_types(model.config, len(blocks))
     check_attention_remains(types, bypassed)
     removed = {index: attention_only_modules(blocks[index]) for index in indices if not is_bypassed(blocks[index])}
@@ -187,6 +260,7 @@ def apply_bypass(model: nn.Module, indices: list[int]) -> None:
 def bypassed_model_class(model_class: type) -> type:
     """The subclass of a family's *ForCausalLM class that bypasses, in __init__ and so before any weight is
     loaded, the attention of the blocks listed in `config.bypassed_attention_layers`."""
+    _check_module_class("model_class", model_class)
 
     def __init__(self, config, *args, **kwargs):
         model_class.__init__(self, config, *args, **kwargs)
@@ -203,6 +277,15 @@ class AttentionBypassedForCausalLM:
     Gemma, ...), derives `bypassed_model_class` from it and loads the weights into that. The result is an
     instance of the family's class, with the bypassed blocks' attention absent from its parameters.
     """
+
+    def __new__(cls, config, *args, **kwargs):
+        """`AttentionBypassedForCausalLM(config)`: a fresh bypassed model of the config's family, as `from_config`
+        (an instance of the family's class, not of this loader)."""
+        from transformers import PretrainedConfig
+
+        if not isinstance(config, PretrainedConfig):
+            raise TypeError(f"config must be a transformers model config (PretrainedConfig), got {type(config).__name__}.")
+        return cls._from_config(config, **kwargs)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModelForCausalLM") -> None:

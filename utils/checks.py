@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,16 +57,19 @@ def check_optional_int(name: str, value: object, minimum: int | None = None, max
 
 
 def check_number(name: str, value: object, minimum: float | None = None, maximum: float | None = None,
-                 strict_minimum: bool = False) -> float:
+                 strict_minimum: bool = False, finite: bool = True) -> float:
     """Return a finite real number as a float, or raise: TypeError for a bool, str or tensor of many
     values, ValueError for NaN, infinity, or a value outside [minimum, maximum] (minimum excluded when
-    `strict_minimum`)."""
+    `strict_minimum`). `finite=False` lets NaN and infinities through (a measurement that can honestly be
+    undefined, such as the recall of a class with no example); the type is checked all the same."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_describe(value)}.")
     value = float(value)
     if not math.isfinite(value):
+        if not finite:
+            return value
         raise ValueError(f"{name} must be finite, got {value}.")
     below = value <= minimum if strict_minimum and minimum is not None else minimum is not None and value < minimum
     if below or maximum is not None and value > maximum:
@@ -73,6 +78,26 @@ def check_number(name: str, value: object, minimum: float | None = None, maximum
         interval = f"{'(' if strict_minimum else '['}{low}, {high}]"
         raise ValueError(f"{name} must be in {interval}, got {value}.")
     return value
+
+
+def check_numbers(name: str, values: object, allow_empty: bool = False, finite: bool = True) -> list[float]:
+    """Return a sequence of real numbers (list, tuple, 1-D tensor or array) as a list of floats, or raise.
+
+    A string, a single number or a dict is a TypeError, and so is any element that is not a real number
+    (the error names the element, e.g. `values[2]`); a NaN or infinite element is a ValueError unless
+    `finite=False`, and so is an empty sequence unless `allow_empty`.
+    """
+    if isinstance(values, (str, bytes, Mapping)) or isinstance(values, numbers.Number) \
+            or isinstance(values, torch.Tensor) and values.dim() != 1:
+        raise TypeError(f"{name} must be a sequence of numbers (a list or a 1-D tensor), got {_describe(values)}.")
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers (a list or a 1-D tensor), got {_describe(values)}.")
+    result = [check_number(f"{name}[{position}]", value, finite=finite) for position, value in enumerate(values)]
+    if not allow_empty and not result:
+        raise ValueError(f"{name} must hold at least one number, got an empty sequence.")
+    return result
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -210,6 +235,29 @@ def check_module(name: str, value: object, allow_meta: bool = False) -> nn.Modul
                              f"first, e.g. utils.models.load_model or build_from_config(..., device='cpu').")
         break
     return value
+
+
+def check_callable(name: str, value: object, signature: str = "") -> object:
+    """Return `value` if it can be called, else raise a TypeError naming the argument and the expected call.
+
+    `signature` shows how it will be called, e.g. "recovery(base, pruned, healed)".
+    """
+    if not callable(value):
+        shape = f" {signature}" if signature else ""
+        raise TypeError(f"{name} must be a function{shape}, got {_describe(value)}.")
+    return value
+
+
+def check_folder(name: str, value: object) -> Path:
+    """Return `value` as a Path to an existing folder: TypeError for anything but a str or os.PathLike,
+    FileNotFoundError (naming the argument) when no such folder exists."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a folder path (str or Path), got {_describe(value)}.")
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name} must be an existing folder, got {str(value)!r} "
+                                f"({'a file' if path.exists() else 'no such folder'}).")
+    return path
 
 
 def model_vocab_size(model: nn.Module) -> int | None:

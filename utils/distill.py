@@ -18,6 +18,7 @@ accumulation and clipping: `utils.training.train`) with the teacher frozen, and 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import Batch, check_batches, check_disjoint, to_device, token_counts
+from .checks import check_callable, check_indices, check_int
 from .models import decoder_layers, model_device
 from .training import (
     EvalFn,
@@ -214,20 +216,12 @@ def default_layer_map(student_layers: Sequence[int] | int, n_teacher: int) -> di
     norm, is mapped to the teacher's last one (also after the final norm); the embeddings (index 0) are
     not mapped.
     """
-    if int(n_teacher) < 1:
-        raise ValueError(f"n_teacher must be >= 1 decoder block, got {n_teacher}.")
-    if isinstance(student_layers, int) or (isinstance(student_layers, torch.Tensor) and student_layers.dim() == 0):
-        n_student = int(student_layers)
-        if n_student < 1:
-            raise ValueError(f"The student needs at least 1 decoder block, got {n_student}.")
+    n_teacher = check_int("n_teacher", n_teacher, minimum=1)
+    if isinstance(student_layers, numbers.Number) or (isinstance(student_layers, torch.Tensor) and student_layers.dim() == 0):
+        n_student = check_int("student_layers", student_layers, minimum=1)  # a number of student blocks
         return {j: max(1, round(j * n_teacher / n_student)) for j in range(1, n_student + 1)}
-    kept = [int(i) for i in student_layers]
-    if not kept:
-        raise ValueError("student_layers is empty: give the teacher blocks the student kept, or their number.")
-    bad = [i for i in kept if not 0 <= i < n_teacher]
-    if bad:
-        raise ValueError(f"Kept blocks {bad} are out of range: the teacher has {n_teacher} blocks, valid indices "
-                         f"are 0..{n_teacher - 1}.")
+    # the teacher blocks the student kept: integers only ("12" is refused, not read as blocks 1 and 2)
+    kept = check_indices("student_layers", student_layers, n_teacher, allow_empty=False)
     if any(b <= a for a, b in zip(kept, kept[1:])):
         raise ValueError(f"Kept blocks {kept} must be strictly increasing: a pruned student keeps the teacher's "
                          "order and each block once.")
@@ -367,8 +361,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
         eval_batches = check_batches(eval_batches, "eval_batches", min_real_tokens=2)
         if check_overlap:
             check_disjoint(train_batches, eval_batches)
-    if eval_fn is not None and not callable(eval_fn):
-        raise ValueError(f"eval_fn must be a function eval_fn(student) -> float, got {type(eval_fn).__name__}.")
+    if eval_fn is not None:
+        check_callable("eval_fn", eval_fn, "eval_fn(student) -> float")
     if hidden_weight > 0 or layer_map is not None:
         student_width, teacher_width = _text_config(student).hidden_size, _text_config(teacher).hidden_size
         if student_width != teacher_width:

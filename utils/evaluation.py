@@ -127,6 +127,7 @@ def model_fingerprint(model: nn.Module) -> str:
     only when they compute the same function (a pruned, trained or re-cast model gets a new one). Reading
     the weights costs about a second for a 135M model.
     """
+    check_module("model", model)
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
     config = getattr(model, "config", None)

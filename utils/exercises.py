@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from .checks import check_bool, check_callable, check_int, check_number, check_str
+
 
 @dataclass(frozen=True)
 class Feedback:
@@ -35,15 +37,24 @@ class Feedback:
 
 
 def verdict(correct: bool, right: str, wrong: str) -> Feedback:
-    """A `Feedback` from a condition: `right` is the message when it holds, `wrong` the explanation when not."""
-    return Feedback(bool(correct), right if correct else wrong)
+    """A `Feedback` from a condition: `right` is the message when it holds, `wrong` the explanation when not.
+
+    `correct` must be a bool (a string such as "yes" is always truthy: it is refused, not read).
+    """
+    correct = check_bool("correct", correct)
+    return Feedback(correct, check_str("right", right) if correct else check_str("wrong", wrong))
 
 
 def within(answer: float, expected: float, rel: float) -> bool:
-    """Whether a numeric `answer` lies within a relative tolerance `rel` of `expected` (a finite number)."""
+    """Whether a numeric `answer` lies within a relative tolerance `rel` >= 0 of `expected` (a finite number).
+
+    A NaN or infinite answer is never within; a negative or non-finite `rel` is refused.
+    """
     import math
 
-    answer = float(answer)
+    answer = check_number("answer", answer, finite=False)
+    expected = check_number("expected", expected)
+    rel = check_number("rel", rel, minimum=0.0)
     return math.isfinite(answer) and abs(answer - expected) <= rel * abs(expected)
 
 
@@ -165,8 +176,7 @@ def check_ch02_recovery(recovery: object) -> Feedback:
     """
     if recovery is None:
         return _not_yet("define `def recovery(base, pruned, healed): ...` and set `my_recovery = recovery`")
-    if not callable(recovery):
-        raise ValueError(f"`recovery` must be a function recovery(base, pruned, healed), got {recovery!r}.")
+    check_callable("recovery", recovery, "recovery(base, pruned, healed)")
     cases = [(10.0, 30.0, 15.0, 0.75), (20.0, 25.0, 20.0, 1.0), (8.0, 40.0, 40.0, 0.0)]
     for base, pruned, healed, expected in cases:
         try:
@@ -272,8 +282,7 @@ def check_ch04_select_lowest(select: object, scores: object, n: int) -> Feedback
     """
     if select is None:
         return _not_yet("define `def select(scores, n): ...` and set `my_select = select`")
-    if not callable(select):
-        raise ValueError(f"`select` must be a function select(scores, n), got {select!r}.")
+    check_callable("select", select, "select(scores, n)")
     values = [float(v) for v in scores]
     if not 1 <= n < len(values):
         raise ValueError(f"`n` must be in 1..{len(values) - 1} (fewer than the {len(values)} blocks), got {n}.")
@@ -313,8 +322,7 @@ def check_ch04_block_influence(block_influence: object) -> Feedback:
     if block_influence is None:
         return _not_yet("define `def block_influence(block_in, block_out, attention_mask): ...` and set "
                         "`my_block_influence = block_influence`")
-    if not callable(block_influence):
-        raise ValueError(f"`block_influence` must be a function (block_in, block_out, attention_mask), got {block_influence!r}.")
+    check_callable("block_influence", block_influence, "block_influence(block_in, block_out, attention_mask)")
     generator = torch.Generator().manual_seed(0)
     block_in = torch.randn(2, 5, 8, generator=generator)
     block_out = block_in + 0.7 * torch.randn(2, 5, 8, generator=generator)
@@ -408,8 +416,7 @@ def check_ch05_peak_to_peak(peak_to_peak: object, gate: object, up: object) -> F
 
     if peak_to_peak is None:
         return _not_yet("define `def peak_to_peak(gate, up): ...` and set `my_peak_to_peak = peak_to_peak`")
-    if not callable(peak_to_peak):
-        raise ValueError(f"`peak_to_peak` must be a function (gate, up) -> Tensor, got {peak_to_peak!r}.")
+    check_callable("peak_to_peak", peak_to_peak, "peak_to_peak(gate, up) -> Tensor")
     gate, up = torch.as_tensor(gate).float(), torch.as_tensor(up).float()
     if gate.dim() != 2 or gate.shape != up.shape:
         raise ValueError(f"`gate` and `up` must be weight matrices of one shape; got {tuple(gate.shape)}, {tuple(up.shape)}.")
@@ -551,6 +558,8 @@ def check_ch06_rank_ratio(answer: object, trainable_low: float, trainable_high: 
     """Exercise: predict how many times more trainable parameters an all-linear adapter of rank `high` has
     than one of rank `low`; the two measured counts decide (LoRA's parameters grow linearly in r)."""
     trainable_low, trainable_high = _measured_positive("trainable_low", trainable_low), _measured_positive("trainable_high", trainable_high)
+    low = check_int("low", low, minimum=1)
+    high = check_int("high", high, minimum=low + 1)  # the larger rank
     missing = _answer_missing(answer, f"the ratio trainable(r={high}) / trainable(r={low})")
     if missing:
         return missing
@@ -808,6 +817,8 @@ def check_ch08b_random_change(answer: object, measured_change: float, fair_chang
     """Exercise: predict the change of held-out bias (in %) when as many random neurons are pruned as the
     fair score chose. Within 5 percentage points of `measured_change` counts; `fair_change` (the fair
     score's change) explains a prediction that expected random neurons to work as well."""
+    measured_change = check_number("measured_change", measured_change)
+    fair_change = check_number("fair_change", fair_change)
     missing = _answer_missing(answer, "your prediction in percent (for example -3 for a 3% drop)")
     if missing:
         return missing

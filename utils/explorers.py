@@ -132,6 +132,8 @@ def live_kernel() -> bool:
 
 def explorer_widget(explorer: Explorer):
     """The ipywidgets view of an `Explorer`: a method dropdown, an x slider and a readout from the stored table."""
+    if not isinstance(explorer, Explorer):
+        raise TypeError(f"explorer must be an Explorer (what explore returns), got {type(explorer).__name__}.")
     import ipywidgets as widgets
 
     methods = list(explorer.results)

@@ -80,7 +80,7 @@ def capture_activations(model: nn.Module, layers: list[int] | None = None,
     if unknown:
         raise ValueError(f"Unknown capture points {unknown}; known points: {', '.join(POINTS)}")
     blocks = decoder_layers(model)
-    layers = check_layer_indices(model, list(range(len(blocks))) if layers is None else list(layers))
+    layers = check_layer_indices(model, list(range(len(blocks))) if layers is None else layers, name="layers")
     captured = Captured()
 
     def record(point: str, index: int, tensor: torch.Tensor) -> None:

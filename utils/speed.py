@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .checks import check_int
+from .checks import check_callable, check_int
 from .models import (
     architecture_summary,
     cache_argument_name,
@@ -151,11 +151,20 @@ def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 
 # The KV cache, measured
 # ---------------------------------------------------------------------------------------------------
 
+def _cache_layers(cache) -> Sequence[object]:
+    """The layers of a transformers Cache (DynamicCache, StaticCache...), or a TypeError naming `cache`."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(f"cache must be a transformers KV cache (a Cache such as DynamicCache, with .layers), "
+                        f"got {type(cache).__name__}.")
+    return layers
+
+
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the key and value tensors of a KV cache (a transformers Cache), counted from the
     tensors themselves: empty slots and dummy layers count 0."""
     total = 0
-    for layer in getattr(cache, "layers", []):
+    for layer in _cache_layers(cache):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
@@ -164,7 +173,7 @@ def kv_cache_bytes(cache) -> int:
 
 def filled_cache_layers(cache) -> int:
     """Number of cache slots that hold key/value tensors with at least one token."""
-    return sum(1 for layer in getattr(cache, "layers", [])
+    return sum(1 for layer in _cache_layers(cache)
                if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0)
 
 
@@ -253,8 +262,7 @@ def timed_call(function: Callable[[], object]) -> tuple[object, dict[str, float]
     and this process's CPU seconds (all its threads), so that a run on a shared, loaded machine can be
     read by its CPU time when its wall time is inflated by other processes.
     """
-    if not callable(function):
-        raise ValueError(f"`function` must be callable with no arguments (use a lambda), got {type(function).__name__}.")
+    check_callable("function", function, "called with no arguments (use a lambda)")
     synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     result = function()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .batches import Batch, batch_stream, check_batches, to_device, token_counts
+from .checks import check_callable, check_int, check_number, check_optional_int
 from .models import model_device
 
 if TYPE_CHECKING:
@@ -66,25 +67,21 @@ class TrainingHistory:
 def check_training_arguments(steps: int, lr: float, grad_accum: int = 1, warmup_steps: int = 0,
                              eval_every: int | None = None, max_grad_norm: float | None = 1.0,
                              weight_decay: float = 0.0) -> None:
-    """Raise a ValueError that names the argument when a training setting is out of its range.
+    """Raise an error that names the argument when a training setting is wrong: a TypeError for the wrong
+    type (2.5 or True steps), a ValueError out of range.
 
-    steps and grad_accum: integers >= 1; lr > 0; warmup_steps: integer in 0..steps; eval_every: None or an
-    integer >= 1; max_grad_norm: None (no clipping) or > 0; weight_decay >= 0.
+    steps (optimizer steps) and grad_accum (batches per step): integers >= 1; lr > 0; warmup_steps: an
+    integer in 0..steps; eval_every: None (evaluate at start and end) or an integer >= 1; max_grad_norm:
+    None (no clipping) or > 0; weight_decay >= 0.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps (optimizer steps) must be an integer >= 1, got {steps!r}.")
-    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum (batches per optimizer step) must be an integer >= 1, got {grad_accum!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}.")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
-        raise ValueError(f"warmup_steps must be an integer in 0..steps ({steps}), got {warmup_steps!r}.")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
-        raise ValueError(f"eval_every must be an integer >= 1 or None (evaluate at start and end), got {eval_every!r}.")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}.")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    steps = check_int("steps", steps, minimum=1)
+    check_int("grad_accum", grad_accum, minimum=1)
+    check_number("lr", lr, minimum=0.0, strict_minimum=True)
+    check_int("warmup_steps", warmup_steps, 0, steps)
+    check_optional_int("eval_every", eval_every, minimum=1)
+    if max_grad_norm is not None:
+        check_number("max_grad_norm", max_grad_norm, minimum=0.0, strict_minimum=True)
+    check_number("weight_decay", weight_decay, minimum=0.0)
 
 
 def autocast_dtype(model: nn.Module, mixed_precision: str = "auto") -> torch.dtype | None:
@@ -116,10 +113,14 @@ def _loss_terms(value: "torch.Tensor | Mapping[str, torch.Tensor]") -> Mapping[s
 
 
 def evaluation_values(value: "float | Mapping[str, float]") -> dict[str, float]:
-    """An evaluation's result as a row of floats: {"eval": value} for a number, the dict's items for a dict."""
+    """An evaluation's result as a row of floats: {"eval": value} for a number, the dict's items for a dict.
+
+    Anything but real numbers is a TypeError (a string such as "0.5" is not read as a number); NaN passes,
+    as an honest "undefined" (the recall of a class with no example).
+    """
     if isinstance(value, Mapping):
-        return {key: float(v) for key, v in value.items()}
-    return {"eval": float(value)}
+        return {key: check_number(f"value[{key!r}]", v, finite=False) for key, v in value.items()}
+    return {"eval": check_number("value", value, finite=False)}
 
 
 def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps: int, lr: float,
@@ -144,10 +145,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
     """
     check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
     batches = check_batches(batches, batches_name, min_real_tokens=2)
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be a function loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}.")
-    if eval_fn is not None and not callable(eval_fn):
-        raise ValueError(f"eval_fn must be a function eval_fn(model) -> float, got {type(eval_fn).__name__}.")
+    check_callable("loss_fn", loss_fn, "loss_fn(model, batch) -> loss")
+    if eval_fn is not None:
+        check_callable("eval_fn", eval_fn, "eval_fn(model) -> float")
     if accelerator is not None and mixed_precision not in ("auto", "no"):
         raise ValueError("With an accelerator, precision follows the accelerator (Accelerator(mixed_precision=...)); "
                          f"leave mixed_precision at 'auto', got {mixed_precision!r}.")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_bool, check_finite, check_module
+from .checks import check_bool, check_finite, check_module, check_number
 from .batches import Batch, evaluating, ids_and_masks
 from .hooks import capture_activations
 from .models import decoder_layers, glu_projections, model_device, stack_configs
@@ -380,6 +380,13 @@ def prune_glu_width_with_bias(model: nn.Module, scores: torch.Tensor, mean: torc
     reloads exactly with plain `from_pretrained`. Families whose config has no `mlp_bias` (in transformers
     5: Qwen2, Qwen3, Gemma3, Mistral) cannot store it: a ValueError says so before anything changes.
     """
+    check_module("model", model)
+    check_finite("scores", torch.as_tensor(scores))
+    check_finite("mean", torch.as_tensor(mean))  # a NaN mean would become a NaN bias
+    if gram is not None:
+        check_finite("gram", torch.as_tensor(gram))
+    ridge = check_number("ridge", ridge, minimum=0.0)
+    check_bool("inplace", inplace)
     blocks = decoder_layers(model)
     configs = stack_configs(model, len(blocks))
     if not configs or not all("mlp_bias" in config.to_dict() for config in configs):
@@ -393,8 +400,6 @@ def prune_glu_width_with_bias(model: nn.Module, scores: torch.Tensor, mean: torc
     scores = torch.as_tensor(scores)
     if tuple(scores.shape) != (len(blocks), width):
         raise ValueError(f"`scores` must have shape ({len(blocks)}, {width}), got {tuple(scores.shape)}.")
-    if ridge < 0:
-        raise ValueError(f"`ridge` must be >= 0, got {ridge}.")
     keep = target_intermediate_size(width, configs[0].hidden_size, percent, intermediate_size, expansion_ratio,
                                     multiple)
     kept = neurons_to_keep(scores, keep)
