@@ -52,7 +52,7 @@ from utils.speed import (
     interleaved_samples,
     kv_cache_bytes,
     prefill_flops,
-    synchronize,
+    stopwatch,
     weight_bytes,
 )
 
@@ -82,13 +82,11 @@ def time_decode(model: torch.nn.Module, batch_size: int, context: int, steps: in
     cache_bytes = kv_cache_bytes(cache)
     token = torch.randint(0, model.config.vocab_size, (batch_size, 1), device=device)
     name = cache_argument_name(model)
-    synchronize(device)
-    start = time.perf_counter()
+    elapsed = stopwatch(device)
     for _ in range(steps):
         logits = model(input_ids=token, use_cache=True, logits_to_keep=1, **{name: cache}).logits
         token = logits[:, -1:].argmax(-1)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = elapsed()["wall_s"]
     del cache
     return seconds, cache_bytes
 
@@ -98,11 +96,9 @@ def time_prefill(model: torch.nn.Module, tokens: int) -> float:
     """Seconds of one prefill forward pass of `tokens` tokens (batch 1, no cache, logits of the last only)."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    synchronize(device)
-    start = time.perf_counter()
+    elapsed = stopwatch(device)
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    synchronize(device)
-    return time.perf_counter() - start
+    return elapsed()["wall_s"]
 
 
 def measure(variants: dict, run, warmup: int, repeats: int) -> dict[str, float]:

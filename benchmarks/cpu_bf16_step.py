@@ -25,6 +25,7 @@ from utils.data import calibration_batches  # noqa: E402
 from utils.depth import remove_layers, select_window  # noqa: E402
 from utils.distill import next_token_loss  # noqa: E402
 from utils.models import load_model  # noqa: E402
+from utils.speed import stopwatch  # noqa: E402
 
 torch.set_num_threads(1)
 model, tokenizer = load_model("embedded")
@@ -35,13 +36,13 @@ for repeat in range(4):
     for name in ("fp32", "bf16"):
         context = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
         student.zero_grad(set_to_none=True)
-        start = time.process_time()
+        elapsed = stopwatch()
         with context:
             logits = student(**batch, use_cache=False).logits
             loss = next_token_loss(logits, batch["input_ids"])
         loss.backward()
         if repeat > 0:  # the first of each is a warm-up
-            times[name].append(time.process_time() - start)
+            times[name].append(elapsed()["cpu_s"])
 row = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 row.update(all=times, speedup_bf16=row["fp32"] / row["bf16"], load=os.getloadavg(),
            cpu=torch.backends.cpu.get_cpu_capability(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

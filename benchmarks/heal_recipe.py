@@ -29,9 +29,11 @@ from utils.depth import remove_layers, select_window  # noqa: E402
 from utils.distill import distill, train_only_blocks_from  # noqa: E402
 from utils.evaluation import cached_perplexity, perplexity  # noqa: E402
 from utils.models import load_model  # noqa: E402
+from utils.speed import stopwatch  # noqa: E402
 
 
 def main() -> None:
+    since_start = stopwatch()  # the CPU seconds of the curve's progress lines
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
@@ -80,7 +82,7 @@ def main() -> None:
 
     def curve(student):
         ppl = perplexity(student, held_out, window=512, progress=False)
-        print(json.dumps({"tag": args.tag, "ppl_wiki": ppl, "cpu_s": time.process_time(), "load": os.getloadavg(),
+        print(json.dumps({"tag": args.tag, "ppl_wiki": ppl, "cpu_s": since_start()["cpu_s"], "load": os.getloadavg(),
                           "recovery_wiki": (baselines["pruned"] - ppl) / (baselines["pruned"] - baselines["base"])}),
               flush=True)
         return {"ppl_wiki": ppl, "recovery_wiki": (baselines["pruned"] - ppl) / (baselines["pruned"] - baselines["base"])}
@@ -96,7 +98,7 @@ def main() -> None:
             for p in student.model.norm.parameters():
                 p.requires_grad_(False)
             trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        elapsed = stopwatch()
         history = distill(student, model, train_batches, steps=args.steps, lr=args.lr,
                           warmup_steps=args.warmup if args.warmup >= 0 else max(1, args.steps // 10),
                           temperature=args.temperature, ce_weight=args.ce, kd_weight=args.kd,
@@ -105,7 +107,8 @@ def main() -> None:
                           mixed_precision=args.precision, seed=0, progress=False,
                           eval_fn=curve if args.eval_every and n_blocks == len(kept) else None,
                           eval_every=args.eval_every)
-        return history, trainable, time.process_time() - cpu0, time.perf_counter() - wall0
+        seconds = elapsed()
+        return history, trainable, seconds["cpu_s"], seconds["wall_s"]
 
     healed = copy.deepcopy(pruned)
     history, trainable, cpu_s, wall_s = heal(healed, len(kept))

@@ -24,6 +24,7 @@ import torch
 from utils.depth import remove_layers
 from utils.distill import distill
 from utils.models import build_from_config
+from utils.speed import stopwatch
 
 
 def batches(vocab: int, device: torch.device, count: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -40,7 +41,7 @@ def main() -> None:
         data = batches(teacher.config.vocab_size, device)
         for mode in ("no", "auto"):
             student = remove_layers(teacher, list(range(12, 18)))
-            start = time.perf_counter()
+            elapsed = stopwatch(device)
             try:
                 history = distill(student, teacher, data, steps=20, lr=3e-4, mixed_precision=mode, progress=False)
                 losses, error = history.column("loss"), None
@@ -49,7 +50,7 @@ def main() -> None:
             rows.append({"dtype": str(dtype).replace("torch.", ""), "mixed_precision": mode, "losses": losses,
                          "finite": error is None and all(math.isfinite(v) for v in losses), "error": error,
                          "student_dtype_after": str(next(student.parameters()).dtype).replace("torch.", ""),
-                         "seconds": round(time.perf_counter() - start, 2)})
+                         "seconds": round(elapsed()["wall_s"], 2)})
             print({k: v for k, v in rows[-1].items() if k != "losses"},
                   "first/last loss:", (losses[0], losses[-1]) if losses else None, flush=True)
             del student

@@ -29,6 +29,7 @@ from utils.bypass import bypass_attention, load_bypassed, save_bypassed
 from utils.depth import remove_layers, select_by_importance
 from utils.importance import layer_importance, sublayer_importance
 from utils.models import build_from_config
+from utils.speed import stopwatch
 from utils.width import activation_neuron_importance, prune_glu_width
 
 
@@ -79,7 +80,7 @@ def main() -> None:
     checks: dict[str, dict] = {}
     tolerance = 0.05 if cuda else 1e-4  # bf16 matmuls on different cards may round differently
 
-    start = time.perf_counter()
+    elapsed = stopwatch()
     importance = {name: layer_importance(model, calibration, window_blocks=args.remove, progress=False)
                   for name, model in (("single", single), ("sharded", sharded))}
     chosen = {name: select_by_importance(imp["block_influence"], args.remove) for name, imp in importance.items()}
@@ -126,7 +127,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "sharded_placement": placement,
         "tolerance": tolerance, "checks": checks, "all_match": all(
             c.get("match", c.get("same_blocks_selected", True)) for c in checks.values()),
-        "elapsed_s": time.perf_counter() - start, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "elapsed_s": elapsed()["wall_s"], "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
     }
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,14 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.data import calibration_batches, token_ids  # noqa: E402
 from utils.evaluation import perplexity  # noqa: E402
 from utils.models import load_model  # noqa: E402
+from utils.speed import stopwatch  # noqa: E402
 from utils.width import (activation_neuron_importance, activation_statistics, literature_neuron_importance,  # noqa: E402
                          prune_glu_width, prune_glu_width_with_bias, taylor_neuron_importance)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -54,28 +47,31 @@ def main() -> None:
     base = perplexity(model, held_out, window=window, progress=False)
     print(f"base perplexity {base:.3f}", flush=True)
 
-    wall, cpu = time.time(), cpu_seconds()
+    elapsed = stopwatch()
     statistics = activation_statistics(model, calibration, gram=True, progress=False)
-    print(f"statistics pass (with Gram): wall {time.time() - wall:.0f} s, cpu {cpu_seconds() - cpu:.0f} s", flush=True)
+    seconds = elapsed()
+    print(f"statistics pass (with Gram): wall {seconds['wall_s']:.0f} s, cpu {seconds['cpu_s']:.0f} s", flush=True)
     scores = {"activation_x_down": activation_neuron_importance(model, calibration, statistics=statistics),
               "flap": literature_neuron_importance(model, statistics, "flap"),
               "wanda": literature_neuron_importance(model, statistics, "wanda")}
     for aggregate in ("squares", "sum"):
-        wall, cpu = time.time(), cpu_seconds()
+        elapsed = stopwatch()
         scores[f"taylor_{aggregate}"] = taylor_neuron_importance(model, calibration[:max(1, args.taylor_samples // 4)],
                                                                  aggregate, progress=False)
-        print(f"taylor ({aggregate}, {args.taylor_samples} samples): wall {time.time() - wall:.0f} s, "
-              f"cpu {cpu_seconds() - cpu:.0f} s", flush=True)
+        seconds = elapsed()
+        print(f"taylor ({aggregate}, {args.taylor_samples} samples): wall {seconds['wall_s']:.0f} s, "
+              f"cpu {seconds['cpu_s']:.0f} s", flush=True)
     bias = "mlp_bias" in model.config.to_dict()
     for name, score in scores.items():
         variants = {"": lambda: prune_glu_width(model, score, percent=args.percent)}
         if bias:
             variants[" + bias"] = lambda: prune_glu_width_with_bias(model, score, statistics["mean"], percent=args.percent)
         for suffix, build in variants.items():
-            wall, cpu = time.time(), cpu_seconds()
+            elapsed = stopwatch()
             ratio = perplexity(build(), held_out, window=window, progress=False) / base
-            print(f"{name}{suffix}: ratio {ratio:.3f} (cut + evaluation: wall {time.time() - wall:.0f} s, "
-                  f"cpu {cpu_seconds() - cpu:.0f} s)", flush=True)
+            seconds = elapsed()
+            print(f"{name}{suffix}: ratio {ratio:.3f} (cut + evaluation: wall {seconds['wall_s']:.0f} s, "
+                  f"cpu {seconds['cpu_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

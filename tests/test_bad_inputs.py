@@ -301,6 +301,7 @@ ROWS = [
     # book (new)
     Row("book.budget_tier", lambda c: _with_environment({"REARCH_BUDGET": "huge"}, book.budget_tier), ValueError, "REARCH_BUDGET"),
     Row("book.recorded_time", lambda c: book.recorded_time("ch02", "tpu", None), ValueError, "kind"),
+    Row("book.recorded_runs", lambda c: book.recorded_runs("tpu", None), ValueError, "kind"),
     # bypass_modeling (new)
     Row("bypass_modeling.check_attention_remains", lambda c: bypass_modeling.check_attention_remains(["full_attention"] * 2, {0, 1}), ValueError, "attention sublayer"),
     Row("bypass_modeling.statically_bypassed", lambda c: bypass_modeling.statically_bypassed("blocks"), TypeError, "blocks"),
@@ -368,6 +369,7 @@ ROWS = [
     Row("serving.step_bytes", lambda c: serving.step_bytes(c.model, context=-1), ValueError, "context"),
     # speed (new)
     Row("speed.timed_call", lambda c: speed.timed_call("f"), TypeError, "function"),
+    Row("speed.stopwatch", lambda c: speed.stopwatch(3.5), TypeError, "device"),
     # width (new)
     Row("width.literature_neuron_importance", lambda c: __import__("utils.width").width.literature_neuron_importance(c.model, {}, method="x"), ValueError, "method"),
     Row("width.prune_glu_width_with_bias", lambda c: __import__("utils.width").width.prune_glu_width_with_bias(c.model, torch.rand(4, 128), torch.full((4, 128), NAN), percent=50), ValueError, "mean", True),

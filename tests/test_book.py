@@ -52,3 +52,29 @@ def test_recorded_time_reads_the_latest_successful_run(tmp_path):
     assert recorded_time("CH03/y.ipynb", "gpu", tmp_path) == "not yet recorded"
     with pytest.raises(ValueError, match="kind"):
         recorded_time("CH02/x.ipynb", "tpu", tmp_path)
+
+
+def test_recorded_runs_keep_the_latest_valid_run_of_each_chapter(tmp_path):
+    import json
+
+    from utils.book import recorded_runs, recorded_time
+
+    assert recorded_runs("cpu", None) == {} and recorded_runs("cpu", tmp_path) == {}
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "chapter_times-cpu.json").write_text(json.dumps({"machine": "x86_64, 2 CPU cores, Python 3.11", "runs": [
+        {"chapter": "CH02/x.ipynb", "date": "2026-11-30", "seconds": 600},
+        {"chapter": "CH02/x.ipynb", "date": "2026-11-29", "seconds": 900},  # older, recorded later
+        {"chapter": "CH03/y.ipynb", "date": "2026-11-29", "seconds": 40},
+        {"chapter": "CH03/y.ipynb", "date": "2026-11-29", "seconds": 50, "machine": "another machine"},  # same day, later
+        {"chapter": "CH03/y.ipynb", "date": "2026-12-01", "seconds": 5, "error": "CellExecutionError"},
+        {"chapter": "CH04/z.ipynb", "date": "2026-12-01", "seconds": None}]}))
+    runs = recorded_runs("cpu", tmp_path)
+    assert sorted(runs) == ["CH02/x.ipynb", "CH03/y.ipynb"]  # failed and untimed runs do not count
+    assert runs["CH02/x.ipynb"]["seconds"] == 600 and runs["CH02/x.ipynb"]["machine"] == "x86_64, 2 CPU cores, Python 3.11"
+    assert runs["CH03/y.ipynb"]["seconds"] == 50 and runs["CH03/y.ipynb"]["machine"] == "another machine"
+    assert recorded_time("CH02/x.ipynb", "cpu", tmp_path) == "about 10 minutes (x86_64, 2 CPU cores, 2026-11-30)"
+    assert recorded_time("CH03/y.ipynb", "cpu", tmp_path) == "about 1 minute (another machine, 2026-11-29)"
+    assert recorded_time("CH04/z.ipynb", "cpu", tmp_path) == "not yet recorded"
+    with pytest.raises(ValueError, match="kind"):
+        recorded_runs("tpu", tmp_path)

@@ -46,7 +46,7 @@ def test_ch02_params_saved_on_tiny_model():
     caught(check_ch02_params_saved(None, 1, block, total), "no answer")
     with pytest.raises(ValueError, match="total_parameters"):
         check_ch02_params_saved(1.0, 2, 10, 5)
-    with pytest.raises(ValueError, match="answer"):
+    with pytest.raises(TypeError, match="answer"):
         check_ch02_params_saved("ten", 1, block, total)
 
 
@@ -110,7 +110,7 @@ def test_ch03_least_changed_block():
     caught(check_ch03_least_changed_block(3, cosine), "neighbour")
     caught(check_ch03_least_changed_block(7, cosine), "does not exist")
     caught(check_ch03_least_changed_block(None, cosine), "no answer")
-    with pytest.raises(ValueError, match="block index"):
+    with pytest.raises(TypeError, match="block index"):
         check_ch03_least_changed_block("two", cosine)
     with pytest.raises(ValueError, match="empty"):
         check_ch03_least_changed_block(0, [])

@@ -4,6 +4,10 @@ The book writes numbers into sentences with myst-nb's `{glue:text}` roles, fille
 glued. Outside the book (Colab, JupyterLab, VS Code) those roles stay as markup, so every glued value is
 also printed in the cell's output, as a short `name = value` line right above the sentence that uses
 it. Where myst-nb is not installed (Colab needs no Sphinx), `glue` only prints.
+
+The chapters' run times come from the same place for every page that quotes them: `recorded_runs` reads
+the recorded runs of benchmarks/results/chapter_times-<kind>.json (the latest valid run per chapter), and
+`recorded_time` turns one into a phrase for a chapter's opening.
 """
 
 from __future__ import annotations
@@ -81,13 +85,15 @@ def budget_tier() -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
-def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> str:
-    """The latest recorded run time of a chapter on `kind` ("cpu" or "gpu") as a phrase for the prose.
+def recorded_runs(kind: str, root: str | os.PathLike | None) -> dict[str, dict]:
+    """The latest valid recorded run of every chapter on `kind` ("cpu" or "gpu"): {chapter: run}.
 
     Reads `benchmarks/results/chapter_times-<kind>.json` under the repository `root` (written by
-    `benchmarks/chapter_times.py` and by the book builds) and returns, for example, "about 9 minutes
-    (NVIDIA H200, 2026-11-30)", or "not yet recorded" when there is no record (also when `root` is None, as
-    in a notebook opened alone from its Colab badge). `chapter` is the notebook's path from the root.
+    `benchmarks/chapter_times.py` and by the book builds). A run with an error or without seconds is
+    skipped; of the rest, the latest date wins, and of two runs on the same date the one recorded later.
+    `chapter` is the notebook's path from the root; each run is the file's record ("chapter", "date",
+    "seconds", ...) with "machine" filled in from the file when the run does not name its own. Empty when
+    there is no record, also when `root` is None (a notebook opened alone from its Colab badge).
     """
     import json
     from pathlib import Path
@@ -95,16 +101,31 @@ def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> st
     if kind not in ("cpu", "gpu"):
         raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
     if root is None:
-        return "not yet recorded"
+        return {}
     path = Path(root) / "benchmarks" / "results" / f"chapter_times-{kind}.json"
     if not path.is_file():
-        return "not yet recorded"
+        return {}
     record = json.loads(path.read_text())
-    runs = [run for run in record.get("runs", []) if run.get("chapter") == chapter and run.get("seconds")
-            and not run.get("error")]
-    if not runs:
+    latest: dict[str, dict] = {}
+    for run in record.get("runs", []):  # in the order they were recorded
+        if not run.get("seconds") or run.get("error"):
+            continue
+        chapter = run["chapter"]
+        if chapter not in latest or run.get("date", "") >= latest[chapter].get("date", ""):
+            latest[chapter] = {**run, "machine": run.get("machine") or record.get("machine", "")}
+    return latest
+
+
+def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> str:
+    """The latest recorded run time of a chapter on `kind` ("cpu" or "gpu") as a phrase for the prose.
+
+    The run is the one `recorded_runs` keeps for `chapter` (the notebook's path from the repository `root`).
+    Returns, for example, "about 9 minutes (NVIDIA H200, 2026-11-30)", or "not yet recorded" when there is
+    no valid run (also when `root` is None, as in a notebook opened alone from its Colab badge).
+    """
+    run = recorded_runs(kind, root).get(chapter)
+    if run is None:
         return "not yet recorded"
-    run = max(runs, key=lambda run: run.get("date", ""))
-    where = run.get("machine") or record.get("machine", "")
-    where = where.split(",")[0] if kind == "gpu" else where.split(", Python")[0]
-    return f"about {max(1, round(run['seconds'] / 60))} minutes ({where}, {run.get('date', 'undated')})"
+    where = run["machine"].split(",")[0] if kind == "gpu" else run["machine"].split(", Python")[0]
+    minutes = max(1, round(run["seconds"] / 60))
+    return f"about {minutes} minute{'' if minutes == 1 else 's'} ({where}, {run.get('date', 'undated')})"

@@ -11,7 +11,7 @@ caught). The chapters' checks follow, one section per chapter, in chapter order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .checks import check_bool, check_callable, check_int, check_number, check_str
 
@@ -58,63 +58,99 @@ def within(answer: float, expected: float, rel: float) -> bool:
     return math.isfinite(answer) and abs(answer - expected) <= rel * abs(expected)
 
 
-# ---- Chapter sections below (CH02 ... CH08b), each check named check_chXX_<what>. ----
+# ---- Reading a learner's answer: one way for each kind of answer ----
+#
+# An answer cell starts as `my_answer = None`. Each reader below returns the answer in the form its check
+# needs, or the `Feedback` the check returns instead: "No answer yet" while it is None (saying what to write),
+# and what is wrong when it is not the kind of answer asked for. The chapters 2-5 checks pass `refuse=True`:
+# there, an answer of the wrong kind (text for a number, a number for a function) is refused with a
+# TypeError, as a bad argument, instead of being graded.
 
 
-def _number(answer: object, name: str) -> float | None:
-    """`answer` as a float, or None when the learner has not answered yet (None); a clear error otherwise."""
-    if answer is None:
-        return None
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        try:
-            return float(answer)  # numpy and torch scalars
-        except (TypeError, ValueError):
-            raise ValueError(f"`{name}` must be a number (or None while you think), got {answer!r}.") from None
-    return float(answer)
+def _no_answer_yet(what: str) -> Feedback:
+    """The feedback for an exercise not answered yet (the answer is still None): what to do in the answer cell."""
+    return Feedback(False, f"No answer yet (it is still `None`): {what}, then run this cell again.")
 
 
-def _not_yet(what: str) -> Feedback:
-    """The feedback for an exercise not attempted yet: what to write in the answer cell."""
-    return Feedback(False, f"No answer yet: {what}, then run this cell again.")
+def _wrong_kind(message: str, refuse: bool) -> Feedback:
+    """The feedback for an answer of the wrong kind, or (`refuse`) a TypeError with the same message."""
+    if refuse:
+        raise TypeError(message)
+    return Feedback(False, message)
 
 
-def _blocks(answer: object, name: str) -> list[int] | None:
-    """`answer` as a sorted list of block indices, or None when not answered yet; a clear error otherwise."""
-    if answer is None:
+def _finite_float(value: object) -> float | None:
+    """`value` as a finite float (numpy and torch scalars included), or None where it is not a finite real
+    number (text, a list, a bool, NaN)."""
+    import math
+
+    if isinstance(value, bool):
         return None
     try:
-        values = [int(value) for value in answer]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a list of block indices (integers), got {answer!r}.") from None
-    return sorted(values)
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _answer_missing(answer: object, what: str) -> Feedback | None:
-    """The feedback for an exercise not yet answered (`answer` is None), else None."""
+def _number_answer(answer: object, what: str, kind: str = "a number", refuse: bool = False) -> float | Feedback:
+    """A learner's number answer as a float, or the Feedback to return instead.
+
+    None gives the "no answer yet" feedback, saying `what` to write. Numpy and torch scalars count as
+    numbers; anything else that is not a finite real number (text, a list, True, NaN) is of the wrong kind:
+    the feedback (or with `refuse` the ValueError) says the answer must be `kind`.
+    """
     if answer is None:
-        return Feedback(False, f"Replace `None` with {what}, then run the cell again.")
-    return None
+        return _no_answer_yet(what)
+    value = _finite_float(answer)
+    if value is None:
+        return _wrong_kind(f"The answer must be {kind}, got {answer!r}.", refuse)
+    return value
 
 
-def _as_number(answer: object) -> float | None:
-    """`answer` as a finite float, or None where it is not a finite real number."""
-    import math
-    import numbers
+def _function_answer(answer: object, what: str, signature: str, refuse: bool = False) -> Callable | Feedback:
+    """A learner's function answer, or the Feedback to return instead.
 
-    if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
-        try:  # a 0-d tensor or numpy scalar
-            answer = float(answer)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return None
-    value = float(answer)
-    return value if math.isfinite(value) else None
+    None gives the "no answer yet" feedback, saying `what` to write; anything that is not callable is of the
+    wrong kind: the feedback (or with `refuse` the ValueError) names the `signature` asked for.
+    """
+    if answer is None:
+        return _no_answer_yet(what)
+    if not callable(answer):
+        return _wrong_kind(f"The answer must be a function {signature}, got {type(answer).__name__} {answer!r:.60}.",
+                           refuse)
+    return answer
+
+
+def _choice_answer(answer: object, what: str, choices: Sequence[str]) -> str | Feedback:
+    """A learner's answer that picks one of `choices`, or the Feedback to return instead ("no answer yet",
+    saying `what` to write, or the list of choices when the answer is not one of them)."""
+    if answer is None:
+        return _no_answer_yet(what)
+    if answer not in choices:
+        return Feedback(False, f"The answer must be one of {sorted(choices)}, got {answer!r}.")
+    return str(answer)
+
+
+def _block_list(value: object, name: str) -> list[int]:
+    """`value` (a list of block indices, an answer or what a learner's function returned) as a sorted list
+    of ints; a ValueError naming `name` when it is not a list of whole numbers."""
+    try:
+        blocks = [int(block) for block in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a list of block indices (integers), got {value!r:.60}.") from None
+    return sorted(blocks)
 
 
 def _measured_positive(name: str, value: float) -> float:
+    """A chapter's measured value `name` as a float; a ValueError when it is not a positive number."""
     value = float(value)
     if not value > 0:
         raise ValueError(f"`{name}` must be a positive number (the chapter's measured value), got {value}.")
     return value
+
+
+# ---- Chapter sections below (CH02 ... CH08b), each check named check_chXX_<what>. ----
 
 
 # ---- CH02 ----
@@ -130,9 +166,9 @@ def check_ch02_params_saved(answer: float | None, blocks_removed: int, block_par
     if blocks_removed < 1 or block_parameters < 1 or total_parameters < blocks_removed * block_parameters:
         raise ValueError("`blocks_removed` and `block_parameters` must be >= 1 and `total_parameters` at least "
                          f"their product; got {blocks_removed}, {block_parameters}, {total_parameters}.")
-    value = _number(answer, "answer")
-    if value is None:
-        return _not_yet("write your percentage in `my_answer` (a number such as 12.5)")
+    value = _number_answer(answer, "write your percentage in `my_answer` (a number such as 12.5)", refuse=True)
+    if isinstance(value, Feedback):
+        return value
     expected = 100 * blocks_removed * block_parameters / total_parameters
     if within(value, expected, 0.01):
         return Feedback(True, f"{expected:.1f}% of the parameters sit in the removed blocks.")
@@ -152,9 +188,9 @@ def check_ch02_ideal_speedup(answer: float | None, n_layers: int, n_removed: int
     """
     if not 1 <= n_removed < n_layers:
         raise ValueError(f"`n_removed` must be in 1..n_layers-1 = {n_layers - 1}, got {n_removed}.")
-    value = _number(answer, "answer")
-    if value is None:
-        return _not_yet("write your predicted speedup in `my_answer` (for example 1.3)")
+    value = _number_answer(answer, "write your predicted speedup in `my_answer` (for example 1.3)", refuse=True)
+    if isinstance(value, Feedback):
+        return value
     expected = n_layers / (n_layers - n_removed)
     if within(value, expected, 0.01):
         return Feedback(True, f"{n_layers} / {n_layers - n_removed} = {expected:.3f}x: the upper limit if only the "
@@ -174,9 +210,10 @@ def check_ch02_recovery(recovery: object) -> Feedback:
     base perplexity, 0 when healing did nothing. The check calls the function on made-up perplexities and
     explains the usual mistakes (the complement, a ratio of perplexities, a sign error).
     """
-    if recovery is None:
-        return _not_yet("define `def recovery(base, pruned, healed): ...` and set `my_recovery = recovery`")
-    check_callable("recovery", recovery, "recovery(base, pruned, healed)")
+    recovery = _function_answer(recovery, "define `def recovery(base, pruned, healed): ...` and set "
+                                "`my_recovery = recovery`", "recovery(base, pruned, healed)", refuse=True)
+    if isinstance(recovery, Feedback):
+        return recovery
     cases = [(10.0, 30.0, 15.0, 0.75), (20.0, 25.0, 20.0, 1.0), (8.0, 40.0, 40.0, 0.0)]
     for base, pruned, healed, expected in cases:
         try:
@@ -207,9 +244,9 @@ def check_ch03_kv_bytes_per_token(answer: float | None, n_layers: int, n_kv_head
     """
     if min(n_layers, n_kv_heads, head_dim, n_query_heads, bytes_per_value) < 1:
         raise ValueError("`n_layers`, `n_kv_heads`, `head_dim`, `n_query_heads` and `bytes_per_value` must be >= 1.")
-    value = _number(answer, "answer")
-    if value is None:
-        return _not_yet("write the number of bytes the KV cache stores per token in `my_answer`")
+    value = _number_answer(answer, "write the number of bytes the KV cache stores per token in `my_answer`", refuse=True)
+    if isinstance(value, Feedback):
+        return value
     expected = 2 * n_layers * n_kv_heads * head_dim * bytes_per_value
     if within(value, expected, 1e-6):
         return Feedback(True, f"{expected:,} bytes per token: keys and values, every layer, only the KV heads.")
@@ -233,9 +270,9 @@ def check_ch03_glu_parameters(answer: float | None, hidden_size: int, intermedia
     """
     if hidden_size < 1 or intermediate_size < 1:
         raise ValueError(f"`hidden_size` and `intermediate_size` must be >= 1, got {hidden_size}, {intermediate_size}.")
-    value = _number(answer, "answer")
-    if value is None:
-        return _not_yet("write the number of parameters of one GLU MLP in `my_answer`")
+    value = _number_answer(answer, "write the number of parameters of one GLU MLP in `my_answer`", refuse=True)
+    if isinstance(value, Feedback):
+        return value
     expected = 3 * hidden_size * intermediate_size + (2 * intermediate_size + hidden_size if bias else 0)
     if within(value, expected, 1e-6):
         return Feedback(True, f"{expected:,}: three matrices of {hidden_size} x {intermediate_size}.")
@@ -255,11 +292,14 @@ def check_ch03_least_changed_block(answer: int | None, mean_cosine: object) -> F
     values = [float(v) for v in mean_cosine]
     if not values:
         raise ValueError("`mean_cosine` must hold one cosine per block; it is empty.")
-    if answer is None:
-        return _not_yet("write the index (0-based) of the block whose output is most like its input in `my_answer`")
-    if isinstance(answer, bool) or not isinstance(answer, int) and not hasattr(answer, "__index__"):
-        raise ValueError(f"`answer` must be a block index (an integer), got {answer!r}.")
-    index = int(answer)
+    kind = "a block index (an integer)"
+    value = _number_answer(answer, "write the index (0-based) of the block whose output is most like its input in "
+                                   "`my_answer`", kind, refuse=True)
+    if isinstance(value, Feedback):
+        return value
+    if value != int(value):
+        return _wrong_kind(f"The answer must be {kind}, got {answer!r}.", refuse=True)
+    index = int(value)
     if not 0 <= index < len(values):
         return Feedback(False, f"Block {index} does not exist: the indices run from 0 to {len(values) - 1}.")
     best = max(range(len(values)), key=values.__getitem__)
@@ -280,16 +320,18 @@ def check_ch04_select_lowest(select: object, scores: object, n: int) -> Feedback
     The function is called on the chapter's `scores` (one per block) and on a made-up example. The feedback
     recognizes taking the highest scores (the most important blocks), unsorted output and a wrong count.
     """
-    if select is None:
-        return _not_yet("define `def select(scores, n): ...` and set `my_select = select`")
-    check_callable("select", select, "select(scores, n)")
+    select = _function_answer(select, "define `def select(scores, n): ...` and set `my_select = select`",
+                              "select(scores, n)", refuse=True)
+    if isinstance(select, Feedback):
+        return select
     values = [float(v) for v in scores]
     if not 1 <= n < len(values):
         raise ValueError(f"`n` must be in 1..{len(values) - 1} (fewer than the {len(values)} blocks), got {n}.")
     for case, k in ((values, n), ([0.9, 0.1, 0.5, 0.05, 0.7, 0.3], 2)):
         expected = sorted(sorted(range(len(case)), key=case.__getitem__)[:k])
         try:
-            got = _blocks(select(list(case), k), "select(scores, n)")
+            returned = select(list(case), k)
+            got = None if returned is None else _block_list(returned, "select(scores, n)")
         except Exception as error:  # the learner's code: report, do not crash the check
             return Feedback(False, f"Your function raised {type(error).__name__}: {error}.")
         if got is None:
@@ -319,10 +361,11 @@ def check_ch04_block_influence(block_influence: object) -> Feedback:
     """
     import torch
 
-    if block_influence is None:
-        return _not_yet("define `def block_influence(block_in, block_out, attention_mask): ...` and set "
-                        "`my_block_influence = block_influence`")
-    check_callable("block_influence", block_influence, "block_influence(block_in, block_out, attention_mask)")
+    block_influence = _function_answer(block_influence, "define `def block_influence(block_in, block_out, "
+                                       "attention_mask): ...` and set `my_block_influence = block_influence`",
+                                       "block_influence(block_in, block_out, attention_mask)", refuse=True)
+    if isinstance(block_influence, Feedback):
+        return block_influence
     generator = torch.Generator().manual_seed(0)
     block_in = torch.randn(2, 5, 8, generator=generator)
     block_out = block_in + 0.7 * torch.randn(2, 5, 8, generator=generator)
@@ -354,9 +397,9 @@ def check_ch04_angular_window(answer: object, angular_distance: object, n: int) 
     distances = [float(v) for v in angular_distance]
     if not distances or n < 1:
         raise ValueError(f"`angular_distance` must be non-empty and `n` >= 1; got {len(distances)} entries, n={n}.")
-    blocks = _blocks(answer, "answer")
-    if blocks is None:
-        return _not_yet("write the list of blocks to remove in `my_answer`, e.g. [10, 11, 12]")
+    if answer is None:
+        return _no_answer_yet("write the list of blocks to remove in `my_answer`, e.g. [10, 11, 12]")
+    blocks = _block_list(answer, "my_answer")
     start = min(range(len(distances)), key=distances.__getitem__)
     expected = list(range(start, start + n))
     if blocks == expected:
@@ -388,9 +431,9 @@ def check_ch05_removed_parameters(answer: float | None, hidden_size: int, width:
     if not 1 <= keep <= width or min(hidden_size, n_layers) < 1:
         raise ValueError(f"Need 1 <= keep <= width and hidden_size, n_layers >= 1; got keep={keep}, width={width}, "
                          f"hidden_size={hidden_size}, n_layers={n_layers}.")
-    value = _number(answer, "answer")
-    if value is None:
-        return _not_yet("write the number of parameters removed from the whole model in `my_answer`")
+    value = _number_answer(answer, "write the number of parameters removed from the whole model in `my_answer`", refuse=True)
+    if isinstance(value, Feedback):
+        return value
     per_neuron, removed = 3 * hidden_size, width - keep
     expected = per_neuron * removed * n_layers
     if within(value, expected, 1e-6):
@@ -414,9 +457,10 @@ def check_ch05_peak_to_peak(peak_to_peak: object, gate: object, up: object) -> F
     """
     import torch
 
-    if peak_to_peak is None:
-        return _not_yet("define `def peak_to_peak(gate, up): ...` and set `my_peak_to_peak = peak_to_peak`")
-    check_callable("peak_to_peak", peak_to_peak, "peak_to_peak(gate, up) -> Tensor")
+    peak_to_peak = _function_answer(peak_to_peak, "define `def peak_to_peak(gate, up): ...` and set "
+                                    "`my_peak_to_peak = peak_to_peak`", "peak_to_peak(gate, up) -> Tensor", refuse=True)
+    if isinstance(peak_to_peak, Feedback):
+        return peak_to_peak
     gate, up = torch.as_tensor(gate).float(), torch.as_tensor(up).float()
     if gate.dim() != 2 or gate.shape != up.shape:
         raise ValueError(f"`gate` and `up` must be weight matrices of one shape; got {tuple(gate.shape)}, {tuple(up.shape)}.")
@@ -444,9 +488,9 @@ def check_ch05_kept_width(answer: float | None, width: int, percent: float, mult
     """
     if width < 1 or not 0 < percent < 100 or multiple < 1:
         raise ValueError(f"Need width >= 1, 0 < percent < 100 and multiple >= 1; got {width}, {percent}, {multiple}.")
-    value = _number(answer, "answer")
-    if value is None:
-        return _not_yet("write the number of neurons each block keeps in `my_answer`")
+    value = _number_answer(answer, "write the number of neurons each block keeps in `my_answer`", refuse=True)
+    if isinstance(value, Feedback):
+        return value
     import math
 
     target = width * (1 - percent / 100)
@@ -473,12 +517,9 @@ def check_ch06_lora_parameters(answer: object, d_in: int, d_out: int, rank: int,
     for name, value in (("d_in", d_in), ("d_out", d_out), ("rank", rank), ("measured", measured)):
         if int(value) != value or value < 1:
             raise ValueError(f"`{name}` must be a positive whole number, got {value!r}.")
-    missing = _answer_missing(answer, "a whole number of parameters")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a number of parameters, got {answer!r}.")
+    value = _number_answer(answer, "write your prediction in `my_answer` (a whole number of parameters)", "a number of parameters")
+    if isinstance(value, Feedback):
+        return value
     if value == measured:
         return Feedback(True, f"A is {rank} x {d_in} and B is {d_out} x {rank}: {rank} x ({d_in} + {d_out}) = "
                               f"{measured:,} parameters, the count peft created.")
@@ -500,11 +541,9 @@ def check_ch06_merged_weight(merge: object) -> Feedback:
     """
     import torch
 
-    missing = _answer_missing(merge, "your function `merge(W, A, B, alpha, rank)`")
-    if missing:
-        return missing
-    if not callable(merge):
-        return Feedback(False, f"The answer must be a function merge(W, A, B, alpha, rank), got {type(merge).__name__}.")
+    merge = _function_answer(merge, "make your function `merge(W, A, B, alpha, rank)` return the merged weight", "merge(W, A, B, alpha, rank)")
+    if isinstance(merge, Feedback):
+        return merge
     generator = torch.Generator().manual_seed(0)
     for d_out, d_in, rank, alpha in ((6, 4, 2, 4.0), (5, 7, 3, 16.0)):
         W = torch.randn(d_out, d_in, generator=generator)
@@ -536,12 +575,9 @@ def check_ch06_adapter_megabytes(answer: object, trainable: int, measured_mb: fl
     size of the saved adapter. Within 10% (or 0.05 MB) counts; half of it (2 bytes a parameter) is diagnosed."""
     measured_mb = _measured_positive("measured_mb", measured_mb)
     trainable = int(_measured_positive("trainable", trainable))
-    missing = _answer_missing(answer, "your prediction in megabytes (1 MB = 1e6 bytes)")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a number of megabytes, got {answer!r}.")
+    value = _number_answer(answer, "write your prediction in `my_answer`, in megabytes (1 MB = 1e6 bytes)", "a number of megabytes")
+    if isinstance(value, Feedback):
+        return value
     bytes_each = measured_mb * 1e6 / trainable
     # 10%, or 50 kB for a small adapter, whose file header (the tensor names) is a large share of it
     if abs(value - measured_mb) <= max(0.10 * measured_mb, 0.05):
@@ -560,12 +596,9 @@ def check_ch06_rank_ratio(answer: object, trainable_low: float, trainable_high: 
     trainable_low, trainable_high = _measured_positive("trainable_low", trainable_low), _measured_positive("trainable_high", trainable_high)
     low = check_int("low", low, minimum=1)
     high = check_int("high", high, minimum=low + 1)  # the larger rank
-    missing = _answer_missing(answer, f"the ratio trainable(r={high}) / trainable(r={low})")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a number (a ratio), got {answer!r}.")
+    value = _number_answer(answer, f"write your prediction of trainable(r={high}) / trainable(r={low}) in `my_answer`", "a number (a ratio)")
+    if isinstance(value, Feedback):
+        return value
     measured = trainable_high / trainable_low
     if within(value, measured, 0.02):
         return Feedback(True, f"Measured ratio {measured:.2f}: every adapted layer holds r x (d_in + d_out) parameters, linear in r.")
@@ -582,12 +615,9 @@ def check_ch07_kv_bytes(answer: object, kv_base: float, kv_bypassed: float, n_la
     kv_base, kv_bypassed = _measured_positive("kv_base", kv_base), _measured_positive("kv_bypassed", kv_bypassed)
     if not 0 < bypassed < n_layers:
         raise ValueError(f"`bypassed` must lie in 1..n_layers-1 = {n_layers - 1}, got {bypassed}.")
-    missing = _answer_missing(answer, "your prediction of the KV-cache bytes per token")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a number of bytes, got {answer!r}.")
+    value = _number_answer(answer, "write your prediction of the KV-cache bytes per token in `my_answer`", "a number of bytes")
+    if isinstance(value, Feedback):
+        return value
     if within(value, kv_bypassed, 0.01):
         return Feedback(True, f"{kv_bypassed:,.0f} bytes per token: the {n_layers - bypassed} remaining attention "
                               "sublayers each keep their keys and values, the bypassed ones keep nothing.")
@@ -607,11 +637,9 @@ def check_ch07_lowest_k(select: object, scores: Sequence[float], k: int) -> Feed
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
     if not 0 < k < len(scores):
         raise ValueError(f"`k` must lie in 1..{len(scores) - 1}, got {k}.")
-    missing = _answer_missing(select, "your function `select(scores, k)`")
-    if missing:
-        return missing
-    if not callable(select):
-        return Feedback(False, f"The answer must be a function select(scores, k), got {type(select).__name__}.")
+    select = _function_answer(select, "make your function `select(scores, k)` return the k block indices", "select(scores, k)")
+    if isinstance(select, Feedback):
+        return select
     generator = torch.Generator().manual_seed(0)
     for trial, case in enumerate((scores, torch.rand(12, generator=generator, dtype=torch.float64))):
         kk = k if trial == 0 else 3
@@ -639,11 +667,9 @@ def check_ch07_better_method(answer: object, ratios: Mapping[str, float]) -> Fee
     method to its measured perplexity / base)."""
     if not ratios:
         raise ValueError("`ratios` must map at least one method to its measured perplexity ratio.")
-    missing = _answer_missing(answer, f"one of {sorted(ratios)}")
-    if missing:
-        return missing
-    if answer not in ratios:
-        return Feedback(False, f"The answer must be one of {sorted(ratios)}, got {answer!r}.")
+    answer = _choice_answer(answer, f"write one of {sorted(ratios)} in `my_answer`", list(ratios))
+    if isinstance(answer, Feedback):
+        return answer
     best = min(ratios, key=lambda name: ratios[name])
     measured = ", ".join(f"{name}: {value:.3f}x" for name, value in ratios.items())
     if answer == best:
@@ -658,12 +684,9 @@ def check_ch07_kv_limit(answer: object, n_layers: int, bypassed: int) -> Feedbac
     of `n_layers` attention sublayers: n / (n - bypassed)."""
     if not 0 < bypassed < n_layers:
         raise ValueError(f"`bypassed` must lie in 1..n_layers-1 = {n_layers - 1}, got {bypassed}.")
-    missing = _answer_missing(answer, "the ideal speedup (a ratio such as 1.2)")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a number, got {answer!r}.")
+    value = _number_answer(answer, "write the ideal speedup in `my_answer` (a ratio such as 1.2)", "a number (a ratio)")
+    if isinstance(value, Feedback):
+        return value
     expected = n_layers / (n_layers - bypassed)
     if within(value, expected, 0.005):
         return Feedback(True, f"{n_layers} / {n_layers - bypassed} = {expected:.3f}: a step reads the cache of "
@@ -681,11 +704,9 @@ def check_ch08a_more_skips(answer: object, allocation: Mapping[str, int]) -> Fee
     """Exercise: predict which kind of input the allocation lets skip more attention sublayers."""
     if len(allocation) < 2:
         raise ValueError(f"`allocation` must map at least two kinds to their skips, got {dict(allocation)}.")
-    missing = _answer_missing(answer, f"one of {sorted(allocation)}")
-    if missing:
-        return missing
-    if answer not in allocation:
-        return Feedback(False, f"The answer must be one of {sorted(allocation)}, got {answer!r}.")
+    answer = _choice_answer(answer, f"write one of {sorted(allocation)} in `my_answer`", list(allocation))
+    if isinstance(answer, Feedback):
+        return answer
     most = max(allocation.values())
     shown = ", ".join(f"{kind}: {k}" for kind, k in allocation.items())
     if allocation[answer] == most:
@@ -702,11 +723,9 @@ def check_ch08a_allocation(allocate: object, curves: Mapping[str, Sequence[float
 
     from .routing import allocate_skips
 
-    missing = _answer_missing(allocate, "your function `allocate(curves, budget, weights)`")
-    if missing:
-        return missing
-    if not callable(allocate):
-        return Feedback(False, f"The answer must be a function allocate(curves, budget, weights), got {type(allocate).__name__}.")
+    allocate = _function_answer(allocate, "make your function `allocate(curves, budget, weights)` return {kind: skips}", "allocate(curves, budget, weights)")
+    if isinstance(allocate, Feedback):
+        return allocate
     synthetic = ({"a": [0.0, 0.1, 0.2, 0.9], "b": [0.0, 0.5, 1.0, 1.5]}, 1, {"a": 0.5, "b": 0.5})
     for case_curves, case_budget, case_weights in ((curves, budget, weights), synthetic):
         tensors = {kind: torch.as_tensor(curve, dtype=torch.float64) for kind, curve in case_curves.items()}
@@ -738,12 +757,9 @@ def check_ch08a_batch_skips(answer: object, skip_sets: Mapping[str, Sequence[int
     sets = [set(map(int, s)) for s in skip_sets.values()]
     if not sets:
         raise ValueError("`skip_sets` must map each kind to its skip set.")
-    missing = _answer_missing(answer, "a whole number of attention sublayers")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a whole number, got {answer!r}.")
+    value = _number_answer(answer, "write a whole number of attention sublayers in `my_answer`", "a whole number")
+    if isinstance(value, Feedback):
+        return value
     common = set.intersection(*sets)
     if value == measured:
         return Feedback(True, f"{measured}: only the sublayers every row may skip ({sorted(common)}), since the whole batch "
@@ -766,13 +782,11 @@ def check_ch08b_bias_metric(metric: object, gaps: object, expected: float) -> Fe
     gaps = torch.as_tensor(gaps, dtype=torch.float64)
     if gaps.dim() != 2 or gaps.shape[1] != 2 or len(gaps) == 0:
         raise ValueError(f"`gaps` must have shape [n_pairs >= 1, 2], got {tuple(gaps.shape)}.")
-    missing = _answer_missing(metric, "your function `metric(gaps)`")
-    if missing:
-        return missing
-    if not callable(metric):
-        return Feedback(False, f"The answer must be a function metric(gaps), got {type(metric).__name__}.")
+    metric = _function_answer(metric, "make your function `metric(gaps)` return one number", "metric(gaps)")
+    if isinstance(metric, Feedback):
+        return metric
     try:
-        value = _as_number(metric(gaps.clone()))
+        value = _finite_float(metric(gaps.clone()))
     except Exception as error:  # a learner's code: report, do not raise
         return Feedback(False, f"Your function raised {type(error).__name__}: {error}.")
     if value is None:
@@ -795,12 +809,12 @@ def check_ch08b_budget_choice(answer: object, counts: Sequence[int], bias_ratio:
     perplexity stays within `max_ppl_ratio` of the base (count 0, the base, always qualifies)."""
     if not (len(counts) == len(bias_ratio) == len(ppl_ratio)) or not counts:
         raise ValueError("`counts`, `bias_ratio` and `ppl_ratio` must be non-empty and of the same length.")
-    missing = _answer_missing(answer, f"a neuron count, one of {list(counts)}")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None or int(value) not in counts:
-        return Feedback(False, f"The answer must be one of the measured neuron counts {list(counts)}, got {answer!r}.")
+    kind = f"one of the measured neuron counts {list(counts)}"
+    value = _number_answer(answer, f"write a neuron count in `my_answer`, {kind}", kind)
+    if isinstance(value, Feedback):
+        return value
+    if int(value) not in counts:
+        return Feedback(False, f"The answer must be {kind}, got {answer!r}.")
     allowed = [(b, c) for c, b, p in zip(counts, bias_ratio, ppl_ratio) if p <= max_ppl_ratio]
     best = min(allowed)[1] if allowed else None
     row = {c: (b, p) for c, b, p in zip(counts, bias_ratio, ppl_ratio)}
@@ -819,12 +833,9 @@ def check_ch08b_random_change(answer: object, measured_change: float, fair_chang
     score's change) explains a prediction that expected random neurons to work as well."""
     measured_change = check_number("measured_change", measured_change)
     fair_change = check_number("fair_change", fair_change)
-    missing = _answer_missing(answer, "your prediction in percent (for example -3 for a 3% drop)")
-    if missing:
-        return missing
-    value = _as_number(answer)
-    if value is None:
-        return Feedback(False, f"The answer must be a number of percent, got {answer!r}.")
+    value = _number_answer(answer, "write your prediction in `my_answer`, in percent (for example -3 for a 3% drop)", "a number of percent")
+    if isinstance(value, Feedback):
+        return value
     if abs(value - measured_change) <= 5:
         return Feedback(True, f"Random neurons change the bias by {measured_change:+.1f}% (the fair score: {fair_change:+.1f}%): "
                               "a few random neurons among tens of thousands barely touch the preference.")

@@ -1,9 +1,12 @@
 """Timing and cost: how fast a model runs, and how fast the hardware says it could run.
 
-One timing helper for the whole course (`interleaved_samples`): the variants to compare run in
-interleaved rounds (a, b, c, a, b, c, ...) after warm-up rounds, the device is synchronized before every
-clock read, and the result keeps every sample so a median can be shown with its spread. `measure_speed` (time to first token and decode speed) and the chapters' own comparisons use
-it, and so do the benchmark scripts.
+One clock for the whole course (`stopwatch`): it synchronizes the device before every read and reads
+both the wall clock and this process's CPU clock; nothing else in the course reads a clock to time model
+work. On top of it, one timing helper (`interleaved_samples`): the variants to compare run in interleaved
+rounds (a, b, c, a, b, c, ...) after warm-up rounds, and the result keeps every sample so a median can be
+shown with its spread. `measure_speed` (time to first token and decode speed) and the chapters' own
+comparisons use it, and so do the benchmark scripts. `timed_call` times a one-off cost once, with both
+clocks.
 
 One cost model: `decode_bytes` (what a decode step must read: decoder-block weights, LM head and the KV
 cache of the context) and `prefill_flops` (what a prefill must compute), read from the model itself, so
@@ -43,13 +46,37 @@ def synchronize(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
+def stopwatch(device: torch.device | str | None = None) -> Callable[[], dict[str, float]]:
+    """Start a stopwatch; returns a function that reads the seconds since: {"wall_s": ..., "cpu_s": ...}.
+
+    The one place of the course that reads clocks to time work. The device's queued work is waited for
+    (`synchronize`) when the stopwatch starts and at every read, so the seconds are those of work done, not
+    of work queued. `wall_s` is wall-clock time; `cpu_s` is this process's CPU time (all its threads), which
+    a shared, loaded machine inflates less. Usage: `elapsed = stopwatch()`, do the work, `elapsed()["wall_s"]`.
+    A device of "cpu" waits for nothing (for timing a child process, say); None waits for the current CUDA
+    device where there is one.
+    """
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"`device` must be a torch.device, a name such as 'cuda:0', or None, got {type(device).__name__}.")
+    synchronize(device)
+    cpu_start = time.process_time()
+    wall_start = time.perf_counter()
+
+    def elapsed() -> dict[str, float]:
+        synchronize(device)
+        wall = time.perf_counter() - wall_start
+        return {"wall_s": wall, "cpu_s": time.process_time() - cpu_start}
+
+    return elapsed
+
+
 def interleaved_samples(runs: Mapping[str, Callable[[], object]], repeats: int = 5,
                         warmup: int = 1) -> dict[str, list[float]]:
     """Wall-clock seconds of every call of each callable, timed in interleaved rounds (a, b, c, a, b, c, ...).
 
     Interleaving spreads slow phases of a shared machine over every contender instead of penalizing one.
-    `warmup` rounds are run and discarded; `repeats` rounds are kept. CUDA work is synchronized before
-    each clock read. A run whose work includes set-up that must not count (filling a cache, say) times
+    `warmup` rounds are run and discarded; `repeats` rounds are kept. Each call is timed by a `stopwatch`
+    (CUDA work synchronized before each clock read). A run whose work includes set-up that must not count (filling a cache, say) times
     itself and returns its seconds as a float; that float is then recorded instead of the call's time.
     Returns {name: [seconds of each kept round]}.
     """
@@ -61,13 +88,11 @@ def interleaved_samples(runs: Mapping[str, Callable[[], object]], repeats: int =
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_number in range(warmup + repeats):
         for name, run in runs.items():
-            synchronize()
-            start = time.perf_counter()
+            elapsed = stopwatch()
             result = run()
-            synchronize()
-            elapsed = time.perf_counter() - start
+            seconds = elapsed()["wall_s"]
             if round_number >= warmup:
-                times[name].append(result if isinstance(result, float) else elapsed)
+                times[name].append(result if isinstance(result, float) else seconds)
     return times
 
 
@@ -122,16 +147,15 @@ def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), generator=generator).to(device)
-    clock: dict[str, float] = {}
     ttft, decode = [], []
 
     def run() -> None:
-        clock["start"] = time.perf_counter()
-        greedy_tokens(model, prompt, new_tokens, on_first_token=lambda: clock.__setitem__("first", time.perf_counter()))
-        synchronize(device)
-        done = time.perf_counter()
-        ttft.append(clock["first"] - clock["start"])
-        decode.append(done - clock["first"])
+        elapsed = stopwatch(device)
+        first: dict[str, float] = {}
+        greedy_tokens(model, prompt, new_tokens, on_first_token=lambda: first.update(elapsed()))
+        total = elapsed()["wall_s"]
+        ttft.append(first["wall_s"])
+        decode.append(total - first["wall_s"])
 
     interleaved_samples({"run": run}, repeats=repeats, warmup=warmup)
     ttft_s = statistics.median(ttft[warmup:])
@@ -260,11 +284,9 @@ def timed_call(function: Callable[[], object]) -> tuple[object, dict[str, float]
     For one-off costs such as a selection method's search, where repeating the work to take a median
     would cost as much as the work: wall-clock seconds (the device synchronized before each clock read)
     and this process's CPU seconds (all its threads), so that a run on a shared, loaded machine can be
-    read by its CPU time when its wall time is inflated by other processes.
+    read by its CPU time when its wall time is inflated by other processes. Timed by a `stopwatch`.
     """
     check_callable("function", function, "called with no arguments (use a lambda)")
-    synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
+    elapsed = stopwatch()
     result = function()
-    synchronize()
-    return result, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    return result, elapsed()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
@@ -33,6 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .batches import Batch, batch_stream, check_batches, to_device, token_counts
 from .checks import check_callable, check_int, check_number, check_optional_int
 from .models import model_device
+from .speed import stopwatch
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -191,7 +191,7 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
         parameters = [p for p in trained.parameters() if p.requires_grad]
         progress = progress and accelerator.is_main_process
     history = TrainingHistory()
-    start = time.perf_counter()
+    since_start = stopwatch()
     train_s = 0.0
     postfix: dict[str, str] = {}
 
@@ -199,7 +199,7 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
         model.eval()
         with torch.no_grad(), autocast():
             row = {"step": step, **evaluation_values(eval_fn(model))}
-        row["elapsed_s"] = time.perf_counter() - start
+        row["elapsed_s"] = since_start()["wall_s"]
         history.eval.append(row)
         postfix.update({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s")})
         model.train()
@@ -213,7 +213,7 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
         model.train()
         bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
         for step in bar:
-            step_start = time.perf_counter()
+            step_time = stopwatch()
             lr_now = optimizer.param_groups[0]["lr"]
             sums: dict[str, float] = {}
             for micro_step in range(grad_accum):
@@ -250,9 +250,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            train_s += time.perf_counter() - step_start
+            train_s += step_time()["wall_s"]
             history.train.append({"step": step, **sums, "lr": lr_now, "grad_norm": float(grad_norm),
-                                  "tokens": tokens, "train_s": train_s, "elapsed_s": time.perf_counter() - start})
+                                  "tokens": tokens, "train_s": train_s, "elapsed_s": since_start()["wall_s"]})
             running = sums["loss"] if running is None else 0.9 * running + 0.1 * sums["loss"]
             postfix.update(loss=f"{running:.4g}", lr=f"{lr_now:.2e}")
             if eval_fn is not None and (step == steps or (eval_every is not None and step % eval_every == 0)):

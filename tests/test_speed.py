@@ -1,0 +1,41 @@
+"""The one clock of the course (utils.speed.stopwatch) and the timing helpers built on it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from utils.speed import interleaved_samples, interleaved_timings, stopwatch, timed_call
+
+
+def test_stopwatch_reads_wall_and_cpu_seconds_since_it_started():
+    elapsed = stopwatch()
+    time.sleep(0.05)  # wall time passes, this process's CPU time hardly does
+    first = elapsed()
+    assert set(first) == {"wall_s", "cpu_s"}
+    assert first["wall_s"] >= 0.05 and 0 <= first["cpu_s"] < first["wall_s"]
+    sum(i * i for i in range(200_000))  # CPU work
+    second = elapsed()
+    assert second["wall_s"] > first["wall_s"] and second["cpu_s"] > first["cpu_s"]
+
+
+def test_stopwatch_on_the_cpu_device_and_bad_devices():
+    assert stopwatch("cpu")()["wall_s"] >= 0
+    with pytest.raises(TypeError, match="device"):
+        stopwatch(3.5)
+
+
+def test_interleaved_samples_times_every_kept_round_and_prefers_a_returned_float():
+    calls = []
+    samples = interleaved_samples({"sleep": lambda: calls.append("sleep") or time.sleep(0.01),
+                                   "own clock": lambda: calls.append("own") or 0.5}, repeats=3, warmup=2)
+    assert calls == ["sleep", "own"] * 5  # interleaved, warm-up rounds included
+    assert len(samples["sleep"]) == 3 and all(s >= 0.01 for s in samples["sleep"])
+    assert samples["own clock"] == [0.5, 0.5, 0.5]
+    assert interleaved_timings({"own clock": lambda: 0.25}, repeats=2) == {"own clock": 0.25}
+
+
+def test_timed_call_reads_the_same_clocks_as_stopwatch():
+    result, seconds = timed_call(lambda: time.sleep(0.02) or "done")
+    assert result == "done" and set(seconds) == {"wall_s", "cpu_s"} and seconds["wall_s"] >= 0.02
