@@ -52,6 +52,28 @@ def glued_values(notebook) -> dict[str, str]:
     return found
 
 
+def cell_seconds(notebook) -> list[dict[str, object]]:
+    """Each executed code cell's wall time (nbclient's execution timestamps), its index and first line, and
+    whether it belongs to the exercises (the cells after the notebook's "Exercises" heading): the record
+    shows where a chapter spends its time and how long each exercise and solution cell takes."""
+    from datetime import datetime
+
+    cells, in_exercises = [], False
+    for index, cell in enumerate(notebook.cells):
+        source = "".join(cell.get("source", ""))
+        if cell.get("cell_type") == "markdown" and source.lstrip().startswith("#"):
+            heading = source.lstrip().splitlines()[0].lower()
+            in_exercises = "exercise" in heading or (in_exercises and "takeaway" not in heading)
+        timing = cell.get("metadata", {}).get("execution", {})
+        if cell.get("cell_type") != "code" or "iopub.execute_input" not in timing or "shell.execute_reply" not in timing:
+            continue
+        begun, ended = (datetime.fromisoformat(timing[key].replace("Z", "+00:00"))
+                        for key in ("iopub.execute_input", "shell.execute_reply"))
+        cells.append({"cell": index, "first_line": source.splitlines()[0][:80] if source else "",
+                      "exercise": in_exercises, "seconds": round((ended - begun).total_seconds(), 1)})
+    return cells
+
+
 def main() -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -89,7 +111,7 @@ def main() -> None:
         seconds = round(time.perf_counter() - start, 1)
         run = {"chapter": str(notebook_path.relative_to(ROOT)), "commit": args.commit,
                "date": time.strftime("%Y-%m-%d"), "seconds": seconds, "machine": description,
-               "glued": glued_values(notebook)}
+               "glued": glued_values(notebook), "cells": cell_seconds(notebook)}
         if error:
             run["error"] = error
         record["runs"].append(run)
