@@ -9,10 +9,16 @@ from transformers import AutoModelForCausalLM
 from utils.data import calibration_batches
 from utils.depth import (kl_swap_search, reference_log_probs, removal_kl, replace_span,
                          select_window_by_distance)
-from utils.models import decoder_layers, tiny_model
+from utils.models import decoder_layers, model_device, tiny_model
 from utils.speed import timed_call
 
 PROMPT = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    """The model's logits on PROMPT, which goes to the model's device first (the GPU lane puts models on CUDA)."""
+    with torch.no_grad():
+        return model(PROMPT.to(model_device(model))).logits
 
 
 def _batches(tokenizer):
@@ -40,10 +46,10 @@ def test_removal_kl_is_zero_for_the_base_and_positive_for_a_removal(tiny, one_th
     name, model, tokenizer = tiny
     batches = _batches(tokenizer)
     reference = reference_log_probs(model, batches)
-    before = model(PROMPT).logits
+    before = _logits(model)
     assert removal_kl(model, batches, reference) == pytest.approx(0.0, abs=1e-6)
     assert removal_kl(model, batches, reference, [1]) > 1e-4
-    assert torch.equal(model(PROMPT).logits, before)
+    assert torch.equal(_logits(model), before)
     with pytest.raises(ValueError, match="reference"):
         removal_kl(model, batches, reference[:1], [1])
 
@@ -54,7 +60,7 @@ def test_kl_swap_search_finds_the_block_that_does_nothing(tiny, one_thread):
     idle = n_layers - 2  # the last block the search may take
     _make_identity(decoder_layers(model)[idle])
     batches = _batches(tokenizer)
-    before = model(PROMPT).logits
+    before = _logits(model)
 
     result = kl_swap_search(model, batches, [0], radius=None, max_evaluations=50, progress=False)
 
@@ -62,7 +68,7 @@ def test_kl_swap_search_finds_the_block_that_does_nothing(tiny, one_thread):
     assert result["kl"] == pytest.approx(0.0, abs=1e-6) and result["start_kl"] > 1e-4
     assert [row["kl"] for row in result["history"]] == sorted((row["kl"] for row in result["history"]), reverse=True)
     assert all(n_layers - 1 not in row["blocks"] for row in result["history"])
-    assert torch.equal(model(PROMPT).logits, before)
+    assert torch.equal(_logits(model), before)
 
 
 def test_kl_swap_search_respects_its_budget_and_radius():
@@ -90,7 +96,7 @@ def test_replace_span_trains_one_block_that_reloads_exactly(tiny, tmp_path, one_
     name, model, tokenizer = tiny
     n_layers = len(decoder_layers(model))
     batches = _batches(tokenizer)
-    before = model(PROMPT).logits
+    before = _logits(model)
     reference = reference_log_probs(model, batches)
     untrained, _ = replace_span(model, 0, 3, batches, steps=1, lr=1e-12, progress=False)
 
@@ -100,12 +106,12 @@ def test_replace_span_trains_one_block_that_reloads_exactly(tiny, tmp_path, one_
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     # the trained block keeps the base model's predictions better than the block it started from
     assert removal_kl(replaced, batches, reference) < removal_kl(untrained, batches, reference)
-    assert torch.equal(model(PROMPT).logits, before)
+    assert torch.equal(_logits(model), before)
     assert all(p.requires_grad for p in replaced.parameters())
     replaced.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=replaced.dtype).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=replaced.dtype).to(model_device(replaced)).eval()
     assert reloaded.config.num_hidden_layers == n_layers - 2
-    assert torch.equal(reloaded(PROMPT).logits, replaced(PROMPT).logits)
+    assert torch.equal(_logits(reloaded), _logits(replaced))
 
 
 def test_replace_span_errors_say_what_is_wrong():
