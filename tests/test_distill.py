@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from utils.data import calibration_batches
-from utils.batches import check_disjoint
+from utils.batches import check_disjoint, to_device
 from utils.distill import (default_layer_map, distill, distillation_loss, distillation_metrics, hidden_state_loss,
                            kd_loss, next_token_loss)
 from utils.training import TrainingHistory
-from utils.models import tiny_model
+from utils.models import model_device, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -34,7 +34,8 @@ def _random_batch(rows=2, length=12, seed=0):
 
 
 def _outputs(model, batch, hidden=True):
-    return model(**batch, output_hidden_states=hidden, use_cache=False)
+    """The model's outputs on `batch`, moved to the model's device first (the GPU lane puts `tiny` models on CUDA)."""
+    return model(**to_device(batch, model_device(model)), output_hidden_states=hidden, use_cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +262,6 @@ def test_grad_accumulation_matches_one_big_batch_and_counts_steps(teacher):
 
 def test_train_only_blocks_from_freezes_the_prefix_and_embeddings():
     from utils.distill import train_only_blocks_from
-    from utils.models import tiny_model
 
     model, _ = tiny_model("tiny-llama")
     block = sum(p.numel() for p in model.model.layers[0].parameters())
@@ -295,7 +295,6 @@ def test_accelerate_path_matches_the_plain_loop(teacher):
 
 def test_train_only_blocks_from_with_last_block_trains_only_that_span():
     from utils.distill import train_only_blocks_from
-    from utils.models import tiny_model
 
     model, _ = tiny_model("tiny-llama")
     block = sum(p.numel() for p in model.model.layers[0].parameters())
