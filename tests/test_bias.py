@@ -9,7 +9,7 @@ from utils.bias import (ATTRIBUTES, FILLERS, PromptPair, TEMPLATES, bias_attribu
                         pair_activations, prompt_pairs, random_neurons, same_length_pairs, scale_neurons_,
                         stereotype_bias, stereotype_gaps, token_differences, top_neurons)
 from utils.hooks import count_hooks
-from utils.models import decoder_layers, load_model
+from utils.models import decoder_layers, load_model, model_device
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,7 @@ def test_contexts_and_perplexity_windows_begin_with_bos_where_the_tokenizer_adds
     assert not torch.allclose(report["gaps"], untouched["gaps"])
     context, continuation = pairs[0].context_a, pairs[0].stereotyped
     encode = lambda text: plain(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    ids = torch.tensor([[256] + encode(context) + encode(continuation)])
+    ids = torch.tensor([[256] + encode(context) + encode(continuation)], device=model_device(model))
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])
     by_hand = logprobs[-len(encode(continuation)):].sum()

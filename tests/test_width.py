@@ -180,7 +180,7 @@ def test_literature_and_taylor_scores_on_every_family(tiny, tmp_path):
     compensated = prune_glu_width_with_bias(model, scores, statistics["mean"], percent=25)
     assert compensated.config.mlp_bias and not model.config.mlp_bias  # base untouched
     compensated.save_pretrained(tmp_path / name)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=compensated.dtype)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=compensated.dtype).to(compensated.device)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     assert torch.equal(_logits(compensated, ids), _logits(reloaded, ids))
 
