@@ -1,7 +1,9 @@
-"""Served decoding (utils.serving) on tiny models, on the CPU: the eager fallback of the served step, the
+"""Served decoding (utils.serving) on tiny models: the eager fallback of the served step on the CPU, the
 report's fields against the card table, the grouped-query decode attention against transformers' SDPA,
-the bytes of a step for every transformation, and bad input. The CUDA-graph path runs on the GPU machine
-through benchmarks/served_speed.py (results in benchmarks/results/served_speed-llama-3.1-8b-cuda.json)."""
+the bytes of a step for every transformation, and bad input. The tests of the CPU fallback build their model
+on the CPU in float32 (`cpu_llama`) whatever REARCH_DEVICE says; the others use the lane's device (`llama`).
+The CUDA-graph path runs on the GPU machine through benchmarks/served_speed.py (results in
+benchmarks/results/served_speed-llama-3.1-8b-cuda.json)."""
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from utils.bypass import bypass_attention
 from utils.depth import remove_layers
-from utils.models import decoder_layers, load_model
+from utils.models import decoder_layers, load_model, model_device
 from utils.routing import AttentionRouter, adaptive_state, make_adaptive
 from utils.serving import (
     ATTENTIONS,
@@ -32,7 +34,14 @@ from utils.width import prune_glu_width, static_neuron_importance
 
 @pytest.fixture(scope="module")
 def llama(one_thread):
+    """The tiny Llama on the lane's device and dtype (REARCH_DEVICE, REARCH_DTYPE): CUDA in the GPU lane."""
     return load_model("tiny-llama")[0]
+
+
+@pytest.fixture(scope="module")
+def cpu_llama(one_thread):
+    """The tiny Llama on the CPU in float32 whatever the lane: for the tests of the CPU (eager) fallback."""
+    return load_model("tiny-llama", device="cpu", dtype="fp32")[0]
 
 
 def adaptive_copy(model, skip):
@@ -84,19 +93,19 @@ def test_decode_attention_matches_transformers_sdpa(with_mask):
         torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_served_step_falls_back_to_eager_and_agrees_across_attentions(llama):
+def test_served_step_falls_back_to_eager_and_agrees_across_attentions(cpu_llama):
     logits = {}
     for attention in ATTENTIONS:
-        step = served_decode_step(llama, batch_size=2, context=10, attention=attention)
+        step = served_decode_step(cpu_llama, batch_size=2, context=10, attention=attention)
         assert step.mode == "eager"
         first = step().clone()
         assert torch.equal(step.tokens, first[:, -1:].argmax(-1))  # fed back: a real greedy step
-        assert torch.isfinite(first).all() and first.shape == (2, 1, llama.config.vocab_size)
+        assert torch.isfinite(first).all() and first.shape == (2, 1, cpu_llama.config.vocab_size)
         assert not first.requires_grad
         logits[attention] = first
     torch.testing.assert_close(logits["decode"], logits["sdpa"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logits["matmul"], logits["sdpa"], atol=1e-5, rtol=1e-4)
-    assert llama.config._attn_implementation == "sdpa"  # restored after each call
+    assert cpu_llama.config._attn_implementation == "sdpa"  # restored after each call
 
 
 def test_step_bytes_for_every_transformation(llama):
@@ -110,11 +119,12 @@ def test_step_bytes_for_every_transformation(llama):
     assert step_bytes(depth, 9)["weights"] < step_bytes(llama, 9)["weights"]
 
 
-def test_report_on_the_cpu_for_every_transformation(llama):
-    scores = static_neuron_importance(llama, "peak_to_peak")
-    width = llama.config.intermediate_size // 2
-    models = {"base": llama, "depth": remove_layers(llama, [1]), "width": prune_glu_width(llama, scores, intermediate_size=width),
-              "bypass": bypass_attention(llama, [1]), "adaptive": adaptive_copy(llama, [1])}
+def test_report_on_the_cpu_for_every_transformation(cpu_llama):
+    scores = static_neuron_importance(cpu_llama, "peak_to_peak")
+    width = cpu_llama.config.intermediate_size // 2
+    models = {"base": cpu_llama, "depth": remove_layers(cpu_llama, [1]),
+              "width": prune_glu_width(cpu_llama, scores, intermediate_size=width),
+              "bypass": bypass_attention(cpu_llama, [1]), "adaptive": adaptive_copy(cpu_llama, [1])}
     peaks = card_peaks("cpu", memory_bytes_per_s=1e10)
     report = served_decode_report(models, batch_size=1, context=8, steps=2, repeats=2, warmup=0, peaks=peaks)
     assert report["mode"] == "eager" and report["card"] == "cpu" and report["memory_bytes_per_s"] == 1e10
@@ -128,7 +138,7 @@ def test_report_on_the_cpu_for_every_transformation(llama):
     assert report["models"]["base"]["speedup"] == 1.0
     for name in ("depth", "width", "bypass", "adaptive"):
         assert report["models"][name]["ideal_speedup"] > 1
-    unknown = served_decode_report({"base": llama}, context=4, steps=1, repeats=1, warmup=0, peaks=card_peaks("cpu"))
+    unknown = served_decode_report({"base": cpu_llama}, context=4, steps=1, repeats=1, warmup=0, peaks=card_peaks("cpu"))
     assert unknown["models"]["base"]["fraction_of_peak"] is None
 
 
@@ -144,21 +154,23 @@ def test_hooks_suspended_and_restored(llama):
     calls = []
     handle = llama.register_forward_hook(lambda *args: calls.append(1))
     try:
+        ids = torch.tensor([[1, 2]], device=model_device(llama))
         with python_hooks_suspended(llama):
-            llama(input_ids=torch.tensor([[1, 2]]))
+            llama(input_ids=ids)
         assert calls == []
-        llama(input_ids=torch.tensor([[1, 2]]))
+        llama(input_ids=ids)
         assert calls == [1]
     finally:
         handle.remove()
 
 
-def test_bad_inputs(llama):
+def test_bad_inputs(llama, cpu_llama):
     for kwargs, word in (({"batch_size": 0}, "batch_size"), ({"context": -1}, "context"), ({"context": 2.5}, "context"),
-                         ({"mode": "fast"}, "mode"), ({"attention": "flash"}, "attention"),
-                         ({"mode": "graph"}, "CUDA")):
+                         ({"mode": "fast"}, "mode"), ({"attention": "flash"}, "attention")):
         with pytest.raises(ValueError, match=word):
             served_decode_step(llama, **kwargs)
+    with pytest.raises(ValueError, match="CUDA"):  # a CUDA graph needs a model on a CUDA device
+        served_decode_step(cpu_llama, mode="graph")
     with pytest.raises(ValueError, match="steps"):
         served_decode_report({"base": llama}, steps=0)
     with pytest.raises(ValueError, match="at least one"):
