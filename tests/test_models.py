@@ -185,11 +185,14 @@ def write_tiny_gguf(path) -> None:
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
     tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    tokens += ["\u0120\u0120"] + [f"<|unused{i}|>" for i in range(c.vocab_size - len(tokens) - 1)]
+    merged = ["\u0120\u0120", "\u0120\u0120\u0120\u0120"]
+    tokens += merged + [f"<|unused{i}|>" for i in range(c.vocab_size - len(tokens) - len(merged))]
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
-    writer.add_token_merges(["\u0120 \u0120"])
+    # Two merges, not one: transformers before 5.2x reads a one-element GGUF array as a bare string, and
+    # its tokenizer converter then splits that string character by character ("failed to extract enum PyMerges").
+    writer.add_token_merges(["\u0120 \u0120", "\u0120\u0120 \u0120\u0120"])
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(257)
     writer.add_pad_token_id(258)
