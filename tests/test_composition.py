@@ -328,6 +328,9 @@ def test_embedded_chain(embedded, tmp_path):
     model, tokenizer = embedded
     generator = torch.Generator().manual_seed(0)
     model = bypass_attention(model, [4, 20])  # a copy: the session's embedded model stays as it is
+    # on the CPU in float32 wherever the session's model lives: the checks below compare against a CPU float32
+    # reload exactly and hold float32 round-off tolerances (a no-op on the CPU, where it already is)
+    model = model.to(device="cpu", dtype=torch.float32)
     model = remove_layers(model, [6, 14, 25], inplace=True)
     model = prune_glu_width(model, static_neuron_importance(model), percent=25, multiple=64, inplace=True)
     peft_model = get_peft_model(model, lora_config(model, "attention", rank=2))
