@@ -110,3 +110,29 @@ def test_a_loss_function_must_return_a_loss(batches):
         frozen, _ = load_model("tiny-llama")
         frozen.requires_grad_(False)
         train(frozen, batches, _lm_loss, steps=1, lr=1e-3, progress=False)
+
+
+def _nan_gradient(loss):
+    """The loss, unchanged in value, with a NaN gradient: sqrt(0 * loss) is 0, its derivative inf * 0."""
+    return loss + torch.sqrt(loss * 0.0)
+
+
+def test_steps_with_non_finite_gradients_are_skipped_and_counted(batches, one_thread):
+    """A finite loss whose gradients are NaN (an overflow in a low-precision backward) skips that step's
+    update instead of writing NaN into the weights; more than the allowed share of such steps stops the run."""
+    model, _ = load_model("tiny-llama", dtype=torch.float32)
+    calls = {"n": 0}
+
+    def sometimes_nan_gradient(trained, batch):
+        calls["n"] += 1
+        loss = _lm_loss(trained, batch)["loss"]
+        return {"loss": _nan_gradient(loss) if calls["n"] in (2, 4) else loss}
+
+    history = train(model, batches[:1], sometimes_nan_gradient, steps=6, lr=1e-3, progress=False)
+    assert history.column("skipped") == [0, 1, 1, 2, 2, 2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(history.column("loss"))))
+
+    always = lambda trained, batch: {"loss": _nan_gradient(_lm_loss(trained, batch)["loss"])}
+    with pytest.raises(FloatingPointError, match="gradients were not finite in 4 of 4 steps"):
+        train(load_model("tiny-llama", dtype=torch.float32)[0], batches[:1], always, steps=8, lr=1e-3, progress=False)

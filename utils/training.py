@@ -135,7 +135,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
     divided by `grad_accum`), taken in order from `batches` and cycled as needed (`shuffle` re-orders
     every pass, seeded by `seed`, which also seeds torch). AdamW with linear warm-up over `warmup_steps`
     then cosine decay to 0; gradients clipped to `max_grad_norm`. A loss that is not finite stops the run
-    with a FloatingPointError that says at which step. `eval_fn(model)` (a float or a dict of floats) runs
+    with a FloatingPointError that says at which step; a step whose loss is finite but whose gradients are
+    not is skipped (as a loss scaler skips an overflow), counted in the history rows' `skipped`, and more
+    than 5% of the steps skipped (at least 3) stops the run the same way. `eval_fn(model)` (a float or a dict of floats) runs
     before training, every `eval_every` steps and at the end, in eval mode without gradients.
     `count_tokens(batch)` says how many tokens a batch teaches (default: its real tokens). Each batch is
     moved to the model's device before `loss_fn` sees it. Precision: see
@@ -205,6 +207,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
         model.train()
 
     stream = batch_stream(batches, shuffle, seed)
+    # A step whose gradients are not finite (an overflow in a low-precision backward) is skipped, as a loss
+    # scaler would skip it, and counted in the history; more than 5% of the steps (at least 3) stops training.
+    skipped, max_skipped = 0, max(3, steps // 20)
     tokens = 0
     running = None
     try:
@@ -243,15 +248,23 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+            finite_gradients = bool(torch.isfinite(torch.as_tensor(grad_norm)))
             if scaler is not None:
                 scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
                 scaler.update()
-            else:
+            elif finite_gradients:
                 optimizer.step()
+            if not finite_gradients:  # a finite loss with non-finite gradients: this step's update is skipped
+                skipped += 1
+                if skipped > max_skipped:
+                    raise FloatingPointError(
+                        f"The gradients were not finite in {skipped} of {step} steps (the loss stayed finite), more "
+                        f"than the {max_skipped} skipped steps allowed; lower lr (now {lr_now:.3g}), train in float32 "
+                        "(mixed_precision='no') or check the inputs.")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             train_s += step_time()["wall_s"]
-            history.train.append({"step": step, **sums, "lr": lr_now, "grad_norm": float(grad_norm),
+            history.train.append({"step": step, **sums, "lr": lr_now, "grad_norm": float(grad_norm), "skipped": skipped,
                                   "tokens": tokens, "train_s": train_s, "elapsed_s": since_start()["wall_s"]})
             running = sums["loss"] if running is None else 0.9 * running + 0.1 * sums["loss"]
             postfix.update(loss=f"{running:.4g}", lr=f"{lr_now:.2e}")
