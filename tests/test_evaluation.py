@@ -145,3 +145,40 @@ def test_cached_perplexity_computes_once_verifies_and_keys_by_model_and_text(tmp
     assert json.loads(files[0].read_text())["perplexity"] == 99.0
     with pytest.raises(ValueError, match="1-D tensor"):
         cached_perplexity(model, ids[None], cache_dir=tmp_path)
+
+
+def test_cached_perplexity_keys_and_passes_the_bos_token(tmp_path):
+    """With a BOS token (a tokenizer that begins every text with one), the cached value is perplexity's with
+    that BOS, under its own key: a value measured without it is never reused."""
+    from utils.evaluation import cached_perplexity, perplexity
+
+    model, _ = tiny_model("tiny-llama")
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(1))
+    plain = cached_perplexity(model, ids, window=16, progress=False, cache_dir=tmp_path)
+    with_bos = cached_perplexity(model, ids, window=16, progress=False, cache_dir=tmp_path, bos_token_id=1)
+    assert with_bos == perplexity(model, ids, window=16, progress=False, bos_token_id=1)
+    assert with_bos != plain
+    assert len(list((tmp_path / "perplexity").glob("*.json"))) == 2
+    with pytest.raises(TypeError, match="bos_token_id"):
+        cached_perplexity(model, ids, window=16, cache_dir=tmp_path, bos_token_id="<s>")
+
+
+def test_every_chapter_perplexity_begins_its_windows_the_way_the_tokenizer_begins_a_text():
+    """Each `perplexity`/`cached_perplexity` call in the chapters passes the tokenizer's BOS (`BOS`, defined
+    from `utils.data.bos_ids` right after the model is loaded), so a model whose tokenizer adds one (Llama 3,
+    Gemma) is measured on text shaped as it is in use."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = 0
+    for path in sorted(root.glob("CH0*/*.ipynb")):
+        code = "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text())["cells"]
+                         if cell["cell_type"] == "code")
+        for call in re.findall(r"perplexity\([^()]*\)", code):
+            calls += 1
+            assert "bos_token_id=BOS" in call, f"{path.name}: {call}"
+        if "bos_token_id=BOS" in code:
+            assert "BOS = (bos_ids(tokenizer) or [None])[0]" in code, path.name
+    assert calls >= 10

@@ -141,10 +141,12 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, stride: int | None = None,
-                      batch_size: int = 4, progress: bool = True, cache_dir: str | Path | None = None) -> float:
+                      batch_size: int = 4, progress: bool = True, cache_dir: str | Path | None = None,
+                      bos_token_id: int | None = None) -> float:
     """`perplexity`, computed once per model, text and settings and kept in the cache folder.
 
-    The key is a SHA-256 over `model_fingerprint(model)`, the token ids, `window`, `stride`, the device
+    The key is a SHA-256 over `model_fingerprint(model)`, the token ids, `window`, `stride`,
+    `bos_token_id` (see `perplexity`), the device
     type, the torch and transformers versions and the source code of `perplexity` and `batch_nll` (a
     change to how perplexity is computed never reuses an old value); the value lives in `<cache>/perplexity/<key>.json` (see
     `utils.models.cache_root` for `cache_dir`) with the key fields beside it. A stored file is used only
@@ -158,6 +160,7 @@ def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 5
     fields = {"model": model_fingerprint(model),
               "tokens": hashlib.sha256(input_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest(),
               "window": int(window), "stride": None if stride is None else int(stride),
+              "bos_token_id": check_optional_int("bos_token_id", bos_token_id, minimum=0),
               "device": model_device(model).type, "torch": torch.__version__.split("+")[0],
               "transformers": transformers.__version__,
               "code": _PERPLEXITY_CODE}
@@ -170,7 +173,8 @@ def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 5
             return value
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = perplexity(model, input_ids, window=window, stride=stride, batch_size=batch_size, progress=progress)
+    value = perplexity(model, input_ids, window=window, stride=stride, batch_size=batch_size, progress=progress,
+                       bos_token_id=bos_token_id)
     atomic_write_text(path, json.dumps({"fields": fields, "perplexity": value}))
     return value
 
