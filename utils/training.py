@@ -135,8 +135,8 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
     divided by `grad_accum`), taken in order from `batches` and cycled as needed (`shuffle` re-orders
     every pass, seeded by `seed`, which also seeds torch). AdamW with linear warm-up over `warmup_steps`
     then cosine decay to 0; gradients clipped to `max_grad_norm`. A loss that is not finite stops the run
-    with a FloatingPointError that says at which step; a step whose loss is finite but whose gradients are
-    not is skipped (as a loss scaler skips an overflow), counted in the history rows' `skipped`, and more
+    with a FloatingPointError that says at which step; without a loss scaler (fp16 has one), a step whose loss
+    is finite but whose gradients are not is skipped (as a loss scaler skips an overflow), counted in the history rows' `skipped`, and more
     than 5% of the steps skipped (at least 3) stops the run the same way. `eval_fn(model)` (a float or a dict of floats) runs
     before training, every `eval_every` steps and at the end, in eval mode without gradients.
     `count_tokens(batch)` says how many tokens a batch teaches (default: its real tokens). Each batch is
@@ -207,8 +207,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
         model.train()
 
     stream = batch_stream(batches, shuffle, seed)
-    # A step whose gradients are not finite (an overflow in a low-precision backward) is skipped, as a loss
-    # scaler would skip it, and counted in the history; more than 5% of the steps (at least 3) stops training.
+    # Without a loss scaler, a step whose gradients are not finite (an overflow in a low-precision backward) is
+    # skipped, as a scaler would skip it, and counted in the history; more than 5% of the steps (at least 3)
+    # stops training.
     skipped, max_skipped = 0, max(3, steps // 20)
     tokens = 0
     running = None
@@ -248,7 +249,10 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
-            finite_gradients = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+            # a loss scaler (ours or accelerate's, fp16) skips an overflowed step itself and shrinks its scale:
+            # those early skips are part of how it works, so only steps without a scaler are counted here
+            unscaled = scaler is None and getattr(accelerator, "scaler", None) is None
+            finite_gradients = not unscaled or bool(torch.isfinite(torch.as_tensor(grad_norm)))
             if scaler is not None:
                 scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
                 scaler.update()
