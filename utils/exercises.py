@@ -98,7 +98,7 @@ def _number_answer(answer: object, what: str, kind: str = "a number", refuse: bo
 
     None gives the "no answer yet" feedback, saying `what` to write. Numpy and torch scalars count as
     numbers; anything else that is not a finite real number (text, a list, True, NaN) is of the wrong kind:
-    the feedback (or with `refuse` the ValueError) says the answer must be `kind`.
+    the feedback (or with `refuse` the TypeError) says the answer must be `kind`.
     """
     if answer is None:
         return _no_answer_yet(what)
@@ -112,7 +112,7 @@ def _function_answer(answer: object, what: str, signature: str, refuse: bool = F
     """A learner's function answer, or the Feedback to return instead.
 
     None gives the "no answer yet" feedback, saying `what` to write; anything that is not callable is of the
-    wrong kind: the feedback (or with `refuse` the ValueError) names the `signature` asked for.
+    wrong kind: the feedback (or with `refuse` the TypeError) names the `signature` asked for.
     """
     if answer is None:
         return _no_answer_yet(what)
