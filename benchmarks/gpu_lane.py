@@ -56,6 +56,11 @@ def run(dtype: str, out: Path, extra: list[str]) -> dict[str, object]:
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     (out / f"pytest-{dtype}.log").write_text(completed.stdout + completed.stderr)
+    return {"dtype": dtype, "exit_code": completed.returncode, "seconds": round(seconds, 1), **summarize(report)}
+
+
+def summarize(report: Path) -> dict[str, object]:
+    """Count one junit report's outcomes by test file and by notebook, with each failure's message."""
     by_file: dict[str, dict[str, int]] = {}
     failures = []
     for case in ET.parse(report).getroot().iter("testcase"):
@@ -71,8 +76,7 @@ def run(dtype: str, out: Path, extra: list[str]) -> dict[str, object]:
             failures.append({"test": f"{case.get('classname')}::{case.get('name')}",
                              "message": (element.get("message") or "")[:400]})
     notebooks = {k: v for k, v in by_file.items() if k.endswith(".ipynb") or ".ipynb" in k}
-    return {"dtype": dtype, "exit_code": completed.returncode, "seconds": round(seconds, 1),
-            "passed": sum(v["passed"] for v in by_file.values()), "failed": sum(v["failed"] for v in by_file.values()),
+    return {"passed": sum(v["passed"] for v in by_file.values()), "failed": sum(v["failed"] for v in by_file.values()),
             "skipped": sum(v["skipped"] for v in by_file.values()),
             "notebooks": {k: ("pass" if v["failed"] == 0 else "fail") for k, v in sorted(notebooks.items())},
             "by_file": by_file, "failures": failures}
@@ -82,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--commit", default=os.environ.get("REARCH_COMMIT", "working tree"),
+                        help="the commit the results belong to (the device machine's copy has no git history)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
     import torch
@@ -96,7 +102,7 @@ def main() -> None:
         print(f"{dtype}: {runs[-1]['passed']} passed, {runs[-1]['failed']} failed, {runs[-1]['skipped']} skipped "
               f"in {runs[-1]['seconds']:.0f} s; notebooks: {runs[-1]['notebooks']}", flush=True)
     result = {"what": "GPU test lane: unit tests and every chapter notebook (tiny model, REARCH_QUICK=1) on CUDA",
-              "date": time.strftime("%Y-%m-%d"), "versions": versions(), "left_out": LEFT_OUT, "runs": runs}
+              "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "versions": versions(), "left_out": LEFT_OUT, "runs": runs}
     card = result["versions"]["card"].replace("NVIDIA ", "").replace(" ", "-").lower()
     path = out / f"gpu_lane-{card}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
