@@ -5,6 +5,10 @@ chapter's value as `path.ipynb::name`: that notebook must glue the name.
 
 Glue names built at run time (an f-string, or "ratio_" + name) are matched as patterns: each formatted part
 stands for a word of letters, digits and underscores.
+
+Citations follow one convention: a work is cited with a `{cite}` role whose key is an entry of
+references.bib, and every entry has a row in references.md. A chapter that types a citation in words
+("Liu et al., 2024") also cites that work with the role, so the reader can follow it to the references.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(str(path.relative_to(ROOT)) for path in [*ROOT.glob("CH*/*.ipynb"), *ROOT.glob("appendix/*.ipynb")])
 PAGES = sorted(str(path.relative_to(ROOT)) for path in [*ROOT.glob("*.md"), *ROOT.glob("CH*/*.md")])
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+BIB_KEY = re.compile(r"^@\w+\{([^,\s]+),", re.M)
+TYPED_CITATION = re.compile(r"\b([A-Z][a-z]+) et al\.,? \(?(\d{4})")
 ROLE = re.compile(r"\{glue(?::[a-z]+)?\}`([^`\s]+)`")  # a role's content has no space (prose about roles is not one)
 
 
@@ -88,3 +95,41 @@ def test_pages_quote_values_a_chapter_glues(page):
         elif not any(p.fullmatch(name) for p in glued_names(notebook)):
             missing.append(f"{role} ({notebook} glues no {name})")
     assert not missing, f"{page}: {missing}"
+
+
+def cited_keys(text: str) -> set[str]:
+    """The keys of every `{cite}` role in a piece of markdown (a role may name several, comma-separated)."""
+    return {key.strip() for role in CITE.findall(text) for key in role.split(",")}
+
+
+def bib_keys() -> set[str]:
+    return set(BIB_KEY.findall((ROOT / "references.bib").read_text(encoding="utf-8")))
+
+
+def test_citation_parsing():
+    assert cited_keys("a {cite}`hu2021lora` and {cite:p}`liu2024dora, sun2023wanda`") == \
+        {"hu2021lora", "liu2024dora", "sun2023wanda"}
+    assert TYPED_CITATION.findall("DoRA (Liu et al., 2024) and He et al. (2024, ...)") == [("Liu", "2024"), ("He", "2024")]
+
+
+@pytest.mark.parametrize("source", [*NOTEBOOKS, *PAGES])
+def test_every_citation_is_an_entry_of_references_bib(source):
+    texts = _cells(source, "markdown") if source.endswith(".ipynb") else [(ROOT / source).read_text(encoding="utf-8")]
+    unknown = sorted(cited_keys("\n".join(texts)) - bib_keys())
+    assert not unknown, f"{source} cites {unknown}, which references.bib does not have"
+
+
+def test_references_page_lists_every_entry_and_every_entry_is_cited():
+    listed = cited_keys((ROOT / "references.md").read_text(encoding="utf-8"))
+    cited = set().union(*(cited_keys("\n".join(_cells(notebook, "markdown"))) for notebook in NOTEBOOKS))
+    assert bib_keys() - listed == set(), "references.md has no row for these entries"
+    assert bib_keys() - cited == set(), "no chapter cites these entries"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_a_citation_typed_in_words_is_also_cited(notebook):
+    markdown = "\n".join(_cells(notebook, "markdown"))
+    keys = cited_keys(markdown)
+    uncited = sorted({f"{name} et al., {year}" for name, year in TYPED_CITATION.findall(markdown)
+                      if not any(key.startswith(f"{name.lower()}{year}") for key in keys)})
+    assert not uncited, f"{notebook} names {uncited} without a {{cite}} role for it (add the entry to references.bib)"

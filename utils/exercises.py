@@ -62,9 +62,10 @@ def within(answer: float, expected: float, rel: float) -> bool:
 #
 # An answer cell starts as `my_answer = None`. Each reader below returns the answer in the form its check
 # needs, or the `Feedback` the check returns instead: "No answer yet" while it is None (saying what to write),
-# and what is wrong when it is not the kind of answer asked for. The chapters 2-5 checks pass `refuse=True`:
-# there, an answer of the wrong kind (text for a number, a number for a function) is refused with a
-# TypeError, as a bad argument, instead of being graded.
+# and what is wrong when it is not the kind of answer asked for (text for a number, a number for a function):
+# a learner's answer is graded, never raised on, in every chapter. The checks' other arguments (the
+# chapter's own measurements) are the course's code, not the learner's: a bad one is still refused with a
+# ValueError or TypeError, before the answer is read.
 
 
 def _no_answer_yet(what: str) -> Feedback:
@@ -72,10 +73,8 @@ def _no_answer_yet(what: str) -> Feedback:
     return Feedback(False, f"No answer yet (it is still `None`): {what}, then run this cell again.")
 
 
-def _wrong_kind(message: str, refuse: bool) -> Feedback:
-    """The feedback for an answer of the wrong kind, or (`refuse`) a TypeError with the same message."""
-    if refuse:
-        raise TypeError(message)
+def _wrong_kind(message: str) -> Feedback:
+    """The feedback for an answer of the wrong kind: `message` says what kind of answer is expected."""
     return Feedback(False, message)
 
 
@@ -93,32 +92,31 @@ def _finite_float(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _number_answer(answer: object, what: str, kind: str = "a number", refuse: bool = False) -> float | Feedback:
+def _number_answer(answer: object, what: str, kind: str = "a number") -> float | Feedback:
     """A learner's number answer as a float, or the Feedback to return instead.
 
     None gives the "no answer yet" feedback, saying `what` to write. Numpy and torch scalars count as
     numbers; anything else that is not a finite real number (text, a list, True, NaN) is of the wrong kind:
-    the feedback (or with `refuse` the TypeError) says the answer must be `kind`.
+    the feedback says the answer must be `kind`.
     """
     if answer is None:
         return _no_answer_yet(what)
     value = _finite_float(answer)
     if value is None:
-        return _wrong_kind(f"The answer must be {kind}, got {answer!r}.", refuse)
+        return _wrong_kind(f"The answer must be {kind}, got {answer!r}.")
     return value
 
 
-def _function_answer(answer: object, what: str, signature: str, refuse: bool = False) -> Callable | Feedback:
+def _function_answer(answer: object, what: str, signature: str) -> Callable | Feedback:
     """A learner's function answer, or the Feedback to return instead.
 
     None gives the "no answer yet" feedback, saying `what` to write; anything that is not callable is of the
-    wrong kind: the feedback (or with `refuse` the TypeError) names the `signature` asked for.
+    wrong kind: the feedback names the `signature` asked for.
     """
     if answer is None:
         return _no_answer_yet(what)
     if not callable(answer):
-        return _wrong_kind(f"The answer must be a function {signature}, got {type(answer).__name__} {answer!r:.60}.",
-                           refuse)
+        return _wrong_kind(f"The answer must be a function {signature}, got {type(answer).__name__} {answer!r:.60}.")
     return answer
 
 
@@ -130,6 +128,19 @@ def _choice_answer(answer: object, what: str, choices: Sequence[str]) -> str | F
     if answer not in choices:
         return Feedback(False, f"The answer must be one of {sorted(choices)}, got {answer!r}.")
     return str(answer)
+
+
+def _blocks_answer(answer: object, what: str) -> list[int] | Feedback:
+    """A learner's answer that lists blocks, as a sorted list of ints, or the Feedback to return instead ("no
+    answer yet", saying `what` to write, or what is expected when it is not a list of whole numbers)."""
+    if answer is None:
+        return _no_answer_yet(what)
+    if isinstance(answer, (str, bytes)):
+        return _wrong_kind(f"The answer must be a list of block indices (integers), got {answer!r:.60}.")
+    try:
+        return _block_list(answer, "my_answer")
+    except ValueError:
+        return _wrong_kind(f"The answer must be a list of block indices (integers), got {answer!r:.60}.")
 
 
 def _block_list(value: object, name: str) -> list[int]:
@@ -166,7 +177,7 @@ def check_ch02_params_saved(answer: float | None, blocks_removed: int, block_par
     if blocks_removed < 1 or block_parameters < 1 or total_parameters < blocks_removed * block_parameters:
         raise ValueError("`blocks_removed` and `block_parameters` must be >= 1 and `total_parameters` at least "
                          f"their product; got {blocks_removed}, {block_parameters}, {total_parameters}.")
-    value = _number_answer(answer, "write your percentage in `my_answer` (a number such as 12.5)", refuse=True)
+    value = _number_answer(answer, "write your percentage in `my_answer` (a number such as 12.5)")
     if isinstance(value, Feedback):
         return value
     expected = 100 * blocks_removed * block_parameters / total_parameters
@@ -188,7 +199,7 @@ def check_ch02_ideal_speedup(answer: float | None, n_layers: int, n_removed: int
     """
     if not 1 <= n_removed < n_layers:
         raise ValueError(f"`n_removed` must be in 1..n_layers-1 = {n_layers - 1}, got {n_removed}.")
-    value = _number_answer(answer, "write your predicted speedup in `my_answer` (for example 1.3)", refuse=True)
+    value = _number_answer(answer, "write your predicted speedup in `my_answer` (for example 1.3)")
     if isinstance(value, Feedback):
         return value
     expected = n_layers / (n_layers - n_removed)
@@ -211,7 +222,7 @@ def check_ch02_recovery(recovery: object) -> Feedback:
     explains the usual mistakes (the complement, a ratio of perplexities, a sign error).
     """
     recovery = _function_answer(recovery, "define `def recovery(base, pruned, healed): ...` and set "
-                                "`my_recovery = recovery`", "recovery(base, pruned, healed)", refuse=True)
+                                "`my_recovery = recovery`", "recovery(base, pruned, healed)")
     if isinstance(recovery, Feedback):
         return recovery
     cases = [(10.0, 30.0, 15.0, 0.75), (20.0, 25.0, 20.0, 1.0), (8.0, 40.0, 40.0, 0.0)]
@@ -244,7 +255,7 @@ def check_ch03_kv_bytes_per_token(answer: float | None, n_layers: int, n_kv_head
     """
     if min(n_layers, n_kv_heads, head_dim, n_query_heads, bytes_per_value) < 1:
         raise ValueError("`n_layers`, `n_kv_heads`, `head_dim`, `n_query_heads` and `bytes_per_value` must be >= 1.")
-    value = _number_answer(answer, "write the number of bytes the KV cache stores per token in `my_answer`", refuse=True)
+    value = _number_answer(answer, "write the number of bytes the KV cache stores per token in `my_answer`")
     if isinstance(value, Feedback):
         return value
     expected = 2 * n_layers * n_kv_heads * head_dim * bytes_per_value
@@ -270,7 +281,7 @@ def check_ch03_glu_parameters(answer: float | None, hidden_size: int, intermedia
     """
     if hidden_size < 1 or intermediate_size < 1:
         raise ValueError(f"`hidden_size` and `intermediate_size` must be >= 1, got {hidden_size}, {intermediate_size}.")
-    value = _number_answer(answer, "write the number of parameters of one GLU MLP in `my_answer`", refuse=True)
+    value = _number_answer(answer, "write the number of parameters of one GLU MLP in `my_answer`")
     if isinstance(value, Feedback):
         return value
     expected = 3 * hidden_size * intermediate_size + (2 * intermediate_size + hidden_size if bias else 0)
@@ -294,11 +305,11 @@ def check_ch03_least_changed_block(answer: int | None, mean_cosine: object) -> F
         raise ValueError("`mean_cosine` must hold one cosine per block; it is empty.")
     kind = "a block index (an integer)"
     value = _number_answer(answer, "write the index (0-based) of the block whose output is most like its input in "
-                                   "`my_answer`", kind, refuse=True)
+                                   "`my_answer`", kind)
     if isinstance(value, Feedback):
         return value
     if value != int(value):
-        return _wrong_kind(f"The answer must be {kind}, got {answer!r}.", refuse=True)
+        return _wrong_kind(f"The answer must be {kind}, got {answer!r}.")
     index = int(value)
     if not 0 <= index < len(values):
         return Feedback(False, f"Block {index} does not exist: the indices run from 0 to {len(values) - 1}.")
@@ -320,13 +331,13 @@ def check_ch04_select_lowest(select: object, scores: object, n: int) -> Feedback
     The function is called on the chapter's `scores` (one per block) and on a made-up example. The feedback
     recognizes taking the highest scores (the most important blocks), unsorted output and a wrong count.
     """
-    select = _function_answer(select, "define `def select(scores, n): ...` and set `my_select = select`",
-                              "select(scores, n)", refuse=True)
-    if isinstance(select, Feedback):
-        return select
     values = [float(v) for v in scores]
     if not 1 <= n < len(values):
         raise ValueError(f"`n` must be in 1..{len(values) - 1} (fewer than the {len(values)} blocks), got {n}.")
+    select = _function_answer(select, "define `def select(scores, n): ...` and set `my_select = select`",
+                              "select(scores, n)")
+    if isinstance(select, Feedback):
+        return select
     for case, k in ((values, n), ([0.9, 0.1, 0.5, 0.05, 0.7, 0.3], 2)):
         expected = sorted(sorted(range(len(case)), key=case.__getitem__)[:k])
         try:
@@ -363,7 +374,7 @@ def check_ch04_block_influence(block_influence: object) -> Feedback:
 
     block_influence = _function_answer(block_influence, "define `def block_influence(block_in, block_out, "
                                        "attention_mask): ...` and set `my_block_influence = block_influence`",
-                                       "block_influence(block_in, block_out, attention_mask)", refuse=True)
+                                       "block_influence(block_in, block_out, attention_mask)")
     if isinstance(block_influence, Feedback):
         return block_influence
     generator = torch.Generator().manual_seed(0)
@@ -397,9 +408,9 @@ def check_ch04_angular_window(answer: object, angular_distance: object, n: int) 
     distances = [float(v) for v in angular_distance]
     if not distances or n < 1:
         raise ValueError(f"`angular_distance` must be non-empty and `n` >= 1; got {len(distances)} entries, n={n}.")
-    if answer is None:
-        return _no_answer_yet("write the list of blocks to remove in `my_answer`, e.g. [10, 11, 12]")
-    blocks = _block_list(answer, "my_answer")
+    blocks = _blocks_answer(answer, "write the list of blocks to remove in `my_answer`, e.g. [10, 11, 12]")
+    if isinstance(blocks, Feedback):
+        return blocks
     start = min(range(len(distances)), key=distances.__getitem__)
     expected = list(range(start, start + n))
     if blocks == expected:
@@ -431,7 +442,7 @@ def check_ch05_removed_parameters(answer: float | None, hidden_size: int, width:
     if not 1 <= keep <= width or min(hidden_size, n_layers) < 1:
         raise ValueError(f"Need 1 <= keep <= width and hidden_size, n_layers >= 1; got keep={keep}, width={width}, "
                          f"hidden_size={hidden_size}, n_layers={n_layers}.")
-    value = _number_answer(answer, "write the number of parameters removed from the whole model in `my_answer`", refuse=True)
+    value = _number_answer(answer, "write the number of parameters removed from the whole model in `my_answer`")
     if isinstance(value, Feedback):
         return value
     per_neuron, removed = 3 * hidden_size, width - keep
@@ -458,7 +469,7 @@ def check_ch05_peak_to_peak(peak_to_peak: object, gate: object, up: object) -> F
     import torch
 
     peak_to_peak = _function_answer(peak_to_peak, "define `def peak_to_peak(gate, up): ...` and set "
-                                    "`my_peak_to_peak = peak_to_peak`", "peak_to_peak(gate, up) -> Tensor", refuse=True)
+                                    "`my_peak_to_peak = peak_to_peak`", "peak_to_peak(gate, up) -> Tensor")
     if isinstance(peak_to_peak, Feedback):
         return peak_to_peak
     gate, up = torch.as_tensor(gate).float(), torch.as_tensor(up).float()
@@ -488,7 +499,7 @@ def check_ch05_kept_width(answer: float | None, width: int, percent: float, mult
     """
     if width < 1 or not 0 < percent < 100 or multiple < 1:
         raise ValueError(f"Need width >= 1, 0 < percent < 100 and multiple >= 1; got {width}, {percent}, {multiple}.")
-    value = _number_answer(answer, "write the number of neurons each block keeps in `my_answer`", refuse=True)
+    value = _number_answer(answer, "write the number of neurons each block keeps in `my_answer`")
     if isinstance(value, Feedback):
         return value
     import math
