@@ -211,6 +211,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
     # skipped, as a scaler would skip it, and counted in the history; more than 5% of the steps (at least 3)
     # stops training.
     skipped, max_skipped = 0, max(3, steps // 20)
+    # a loss scaler (ours or accelerate's, fp16) skips an overflowed step itself and shrinks its scale: those
+    # early skips are part of how it works, so only steps without a scaler are counted
+    unscaled = scaler is None and getattr(accelerator, "scaler", None) is None
     tokens = 0
     running = None
     try:
@@ -249,9 +252,6 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
-            # a loss scaler (ours or accelerate's, fp16) skips an overflowed step itself and shrinks its scale:
-            # those early skips are part of how it works, so only steps without a scaler are counted here
-            unscaled = scaler is None and getattr(accelerator, "scaler", None) is None
             finite_gradients = not unscaled or bool(torch.isfinite(torch.as_tensor(grad_norm)))
             if scaler is not None:
                 scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
