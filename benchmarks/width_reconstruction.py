@@ -87,10 +87,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = out / f"width_reconstruction-{device.type}.jsonl"
 
-    def record(name: str, n_samples: int, pruned: torch.nn.Module, seconds: dict[str, float]) -> None:
+    def record(name: str, n_samples: int, pruned: torch.nn.Module, seconds: dict[str, float] | None = None) -> None:
         ratio = perplexity(pruned, held_out, window=window, progress=False) / base
         row = {"method": name, "percent": args.percent, "calibration": f"{n_samples} x {cal_len}", "ratio": ratio,
-               "select_s": round(seconds["wall_s"], 2), "dtype": str(next(model.parameters()).dtype),
+               "select_s": None if seconds is None else round(seconds["wall_s"], 2), "dtype": str(next(model.parameters()).dtype),
                "device": str(device), "card": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                "base_ppl": base, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         print(f"{name:40s} cal {n_samples:4d}: ratio {ratio:.3f}", flush=True)
@@ -106,11 +106,10 @@ def main() -> None:
                   "wanda": literature_neuron_importance(model, statistics, "wanda"),
                   "flap": literature_neuron_importance(model, statistics, "flap")}
         for name, score in scores.items():
-            record(name, n_samples, prune_glu_width(model, score, percent=args.percent), {"wall_s": 0.0})
+            record(name, n_samples, prune_glu_width(model, score, percent=args.percent))
             for ridge in [float(r) for r in args.ridges.split(",")]:
                 record(f"{name} + refit (ridge {ridge:g})", n_samples,
-                       prune_glu_width(model, score, percent=args.percent, gram=statistics["gram"], ridge=ridge),
-                       {"wall_s": 0.0})
+                       prune_glu_width(model, score, percent=args.percent, gram=statistics["gram"], ridge=ridge))
         for rounds in [int(r) for r in args.rounds.split(",")]:
             for ridge in [float(r) for r in args.ridges.split(",")]:
                 elapsed = stopwatch(device)
