@@ -59,7 +59,7 @@ from .checks import check_finite, check_indices, check_int, check_module, check_
 from .data import bos_ids
 from .evaluation import perplexity
 from .hooks import capture_activations
-from .models import check_layer_indices, decoder_layers, glu_projections, model_device
+from .models import check_layer_indices, decoder_layers, glu_projections, model_device, run_for_hooks
 
 ATTRIBUTES = ("gender", "race_ethnicity", "religion", "age", "nationality")
 PAIR_SPLITS = ("find", "held_out", "all")
@@ -362,7 +362,7 @@ def pair_activations(model: nn.Module, tokenizer, pairs: Sequence[PromptPair], p
             pooled[:, layers.index(layer)] = torch.einsum("bt,bti->bi", pooling, activation.float()).cpu()
 
         with capture_activations(model, layers=layers, points=("mlp_act",), callback=pool):
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            run_for_hooks(model, ids.to(device), mask.to(device))
         pooled_batches.append(pooled.view(-1, 2, len(layers), pooled.shape[-1]))
     return torch.cat(pooled_batches)
 
@@ -401,7 +401,7 @@ def token_differences(model: nn.Module, tokenizer, pair: PromptPair, layers: Seq
     ids = torch.tensor([_encode_context(tokenizer, pair.context_a, prefix),
                         _encode_context(tokenizer, pair.context_b, prefix)], device=device)
     with capture_activations(model, layers=layers, points=("mlp_act",)) as captured:
-        model(input_ids=ids, use_cache=False)
+        run_for_hooks(model, ids)
     both_sides = torch.stack([captured.stacked("mlp_act", layer).float() for layer in layers])  # [layers, 2, T, I]
     return both_sides[:, 0] - both_sides[:, 1]
 

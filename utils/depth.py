@@ -40,7 +40,7 @@ from .bypass_modeling import (
     statically_bypassed,
 )
 from .checks import check_indices, check_int, check_module
-from .models import check_layer_indices, decoder_layers, layer_count, model_device, stack_configs
+from .models import check_layer_indices, decoder_layers, layer_count, model_device, run_for_hooks, stack_configs
 from .training import check_training_arguments, train
 
 # Per-module attributes that hold a block's position in the stack; renumbered after a removal.
@@ -512,7 +512,7 @@ def replace_span(model: nn.Module, start: int, n: int, batches: Sequence[Batch],
         with evaluating(model):
             for ids, mask in prepared:
                 current.clear()
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                run_for_hooks(model, ids, mask)
                 records.append({**current, "real": mask.bool()})
     finally:
         for handle in handles:

@@ -33,7 +33,7 @@ from .batches import Batch, evaluating, ids_and_masks
 from .depth import layers_removed, removable_layers
 from .evaluation import batch_nll
 from .hooks import capture_activations
-from .models import decoder_layers, layer_count, model_device
+from .models import decoder_layers, layer_count, model_device, run_for_hooks
 
 
 def _masked_cosine(a: torch.Tensor, b: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window_blocks: 
         for ids, mask in tqdm(prepared, desc="layer importance", disable=not progress, leave=False):
             current["real"] = mask.bool()
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                run_for_hooks(model, ids, mask)
             finally:
                 inputs.clear()
             tokens += int(mask.sum())
@@ -257,7 +257,7 @@ def sublayer_importance(model: nn.Module, batches: Sequence[Batch], progress: bo
         for ids, mask in tqdm(prepared, desc="sublayer importance", disable=not progress, leave=False):
             current["real"] = mask.bool()
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                run_for_hooks(model, ids, mask)
             finally:
                 held.clear()
             tokens += int(mask.sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -633,6 +634,18 @@ def model_device(model: nn.Module) -> torch.device:
     if next(model.parameters(), None) is None:
         raise ValueError(f"model ({type(model).__name__}) has no parameters: it has no device of its own.")
     return next(model.parameters()).device
+
+
+def run_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    """One forward pass whose only purpose is what hooks capture on the way (hidden states, activations).
+
+    The LM head is applied to the last position only (`logits_to_keep=1`, where the model's forward takes
+    it): a pass that reads no logits then skips most of the head's work, about a sixth of a small model's
+    forward (SmolLM2-135M's 49,152-token head), and the blocks compute exactly what they compute in a full
+    pass. Call it under `torch.no_grad()` or `utils.batches.evaluating` as the caller needs.
+    """
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
 
 def check_layer_indices(model: nn.Module, indices: list[int], name: str = "indices") -> list[int]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .checks import check_bool, check_finite, check_module, check_number
 from .batches import Batch, evaluating, ids_and_masks
 from .hooks import capture_activations
-from .models import decoder_layers, glu_projections, model_device, stack_configs
+from .models import decoder_layers, glu_projections, model_device, run_for_hooks, stack_configs
 
 # ---------------------------------------------------------------------------------------------------
 # Neuron importance: which GLU neurons to keep (high score = keep)
@@ -97,7 +97,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
     with evaluating(model), capture_activations(model, points=("mlp_act",), callback=on_capture):
         for ids, mask in tqdm(prepared, desc="neuron activations", disable=not progress, leave=False):
             current["real"] = mask.bool()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            run_for_hooks(model, ids, mask)
             tokens += int(mask.sum())
     result = {"mean": (mean / tokens).float(), "mean_abs": (mean_abs / tokens).float(), "mean_square": (mean_square / tokens).float(), "tokens": tokens}
     if grams is not None:
