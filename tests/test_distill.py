@@ -347,3 +347,48 @@ def test_cut_layer_map_on_every_tiny_family(tiny):
     history = distill(student, model, [batch], steps=2, lr=1e-3, hidden_weight=1.0, layer_map=layer_map,
                       progress=False)
     assert all(math.isfinite(row["hidden"]) for row in history.train)
+
+
+def test_teacher_cache_gives_the_same_training_and_skips_the_teachers_blocks(tiny):
+    # A second distillation from the same teacher on the same batches, with the cache the first one filled,
+    # trains the student to exactly the weights it gets without any cache, while the teacher's blocks run
+    # only during the first (the cache holds the final state and the mapped state of each batch).
+    from utils.depth import remove_layers
+    from utils.distill import cut_layer_map, logits_from_final_state
+    from utils.models import decoder_layers
+
+    name, teacher, _ = tiny
+    batches = [_random_batch(seed=s) for s in range(3)]
+    with torch.no_grad():
+        out = _outputs(teacher, batches[0])
+        assert torch.equal(logits_from_final_state(teacher, out.hidden_states[-1]), out.logits), name
+    removed = [1, 2]
+    layer_map = cut_layer_map(removed, teacher.config.num_hidden_layers)
+    settings = dict(steps=4, lr=1e-3, hidden_weight=1.0, layer_map=layer_map, progress=False, seed=0)
+    plain = remove_layers(teacher, removed)
+    distill(plain, teacher, batches, **settings)
+    cache = {}
+    distill(remove_layers(teacher, removed), teacher, batches, teacher_cache=cache, **settings)  # fills the cache
+    cached = remove_layers(teacher, removed)  # built before the hook below (a copy would carry the hook along)
+    calls = []
+    handle = decoder_layers(teacher)[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        distill(cached, teacher, batches, teacher_cache=cache, **settings)
+    finally:
+        handle.remove()
+    assert calls == [], "the teacher's blocks ran although every batch was in the cache"
+    for (key, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        assert torch.equal(a, b), (name, key)
+
+
+def test_teacher_cache_refuses_another_teacher_and_a_wrong_kind(teacher):
+    from utils.depth import remove_layers
+
+    batches = [_random_batch()]
+    cache = {}
+    distill(remove_layers(teacher, [1]), teacher, batches, steps=1, progress=False, teacher_cache=cache)
+    other = tiny_model("tiny-llama", seed=1)[0]
+    with pytest.raises(ValueError, match="another teacher"):
+        distill(remove_layers(other, [1]), other, batches, steps=1, progress=False, teacher_cache=cache)
+    with pytest.raises(TypeError, match="teacher_cache"):
+        distill(remove_layers(teacher, [1]), teacher, batches, steps=1, progress=False, teacher_cache=[])

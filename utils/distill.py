@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .batches import Batch, check_batches, check_disjoint, to_device, token_counts
 from .checks import check_callable, check_indices, check_int
+from .evaluation import model_fingerprint
 from .models import decoder_layers, model_device
 from .training import (
     EvalFn,
@@ -261,22 +262,80 @@ def _forward(model: nn.Module, batch: Batch, hidden: bool):
                  use_cache=False)
 
 
+def logits_from_final_state(model: nn.Module, final_state: torch.Tensor) -> torch.Tensor:
+    """The logits a causal LM computes from its final hidden state (the last of `output_hidden_states`, after
+    the final norm): its output embedding, then the final soft-capping where the config has one (Gemma)."""
+    logits = model.get_output_embeddings()(final_state)
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _batch_key(batch: Batch) -> bytes:
+    """The identity of a batch by content: its token ids and attention mask (shape and values)."""
+    parts = [batch["input_ids"], batch.get("attention_mask")]
+    return b"|".join(b"none" if t is None else repr(tuple(t.shape)).encode() + t.detach().to("cpu", torch.int64).numpy().tobytes()
+                     for t in parts)
+
+
+def _teacher_outputs(teacher: nn.Module, batch: Batch, layer_map: Mapping[int, int] | None,
+                     teacher_cache: dict | None) -> tuple[torch.Tensor, Sequence[torch.Tensor | None] | None]:
+    """The teacher's logits on `batch` and, with a layer map, its hidden states (None where not mapped).
+
+    With a `teacher_cache` (a dict the caller keeps), the first pass over a batch stores the teacher's final
+    hidden state and the mapped states, and every later pass over the same batch (another epoch, or another
+    distillation from the same teacher on the same batches) recomputes the logits from the final state with
+    the output embedding alone (`logits_from_final_state`) instead of running the teacher's blocks. The first
+    store checks that those logits equal the teacher's own, exactly, and refuses a teacher whose head does
+    something else."""
+    hidden = layer_map is not None
+    if teacher_cache is None:
+        with torch.no_grad():
+            out = _forward(teacher, batch, hidden)
+        return out.logits, (out.hidden_states if hidden else None)
+    key = _batch_key(batch)
+    needed = sorted(set(layer_map.values())) if hidden else []
+    stored = teacher_cache.get(key)
+    if stored is None or any(index not in stored["states"] for index in needed):
+        with torch.no_grad():
+            out = _forward(teacher, batch, True)
+            final = out.hidden_states[-1]
+            if not teacher_cache.get("checked"):
+                if not torch.equal(logits_from_final_state(teacher, final), out.logits):
+                    raise ValueError(f"teacher_cache cannot be used with this teacher ({type(teacher).__name__}): "
+                                     "its logits are not its output embedding of its final hidden state. Pass "
+                                     "teacher_cache=None.")
+                teacher_cache["checked"] = True
+        states = {index: out.hidden_states[index] for index in needed}
+        teacher_cache[key] = {"final": final, "states": states}
+        logits = out.logits
+    else:
+        states = stored["states"]
+        with torch.no_grad():
+            logits = logits_from_final_state(teacher, stored["final"])
+    if not hidden:
+        return logits, None
+    n_states = len(decoder_layers(teacher)) + 1
+    return logits, [states.get(index) for index in range(n_states)]
+
+
 def _batch_terms(student: nn.Module, teacher: nn.Module, batch: Batch, *, temperature: float, ce_weight: float,
                  kd_weight: float, hidden_weight: float,
-                 layer_map: Mapping[int, int] | None) -> dict[str, torch.Tensor]:
-    """Forward both models on one batch (the teacher under no_grad) and return the loss terms."""
+                 layer_map: Mapping[int, int] | None, teacher_cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """Forward both models on one batch (the teacher under no_grad, or from `teacher_cache`) and return the
+    loss terms."""
     hidden = layer_map is not None
-    with torch.no_grad():
-        teacher_out = _forward(teacher, batch, hidden)
+    teacher_logits, teacher_states = _teacher_outputs(teacher, batch, layer_map, teacher_cache)
     student_out = _forward(student, batch, hidden)
     device = student_out.logits.device
     mask = batch.get("attention_mask")
     return distillation_loss(
-        student_out.logits, teacher_out.logits.to(device), batch["input_ids"].to(device),
+        student_out.logits, teacher_logits.to(device), batch["input_ids"].to(device),
         None if mask is None else mask.to(device), temperature=temperature, ce_weight=ce_weight,
         kd_weight=kd_weight, hidden_weight=hidden_weight,
         student_hidden_states=student_out.hidden_states if hidden else None,
-        teacher_hidden_states=teacher_out.hidden_states if hidden else None, layer_map=layer_map)
+        teacher_hidden_states=teacher_states, layer_map=layer_map)
 
 
 @torch.no_grad()
@@ -329,7 +388,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
             eval_fn: EvalFn | None = None, eval_batches: Sequence[Batch] | None = None,
             eval_every: int | None = None, check_overlap: bool = True, shuffle: bool = False,
             device: str | torch.device | None = None, progress: bool = True, seed: int = 0,
-            mixed_precision: str = "auto", accelerator: Accelerator | None = None) -> TrainingHistory:
+            mixed_precision: str = "auto", accelerator: Accelerator | None = None,
+            teacher_cache: dict | None = None) -> TrainingHistory:
     """Train `student` to imitate `teacher` on `train_batches` and return the history of the run.
 
     The training loop is `utils.training.train` (AdamW, warm-up then cosine decay, gradient accumulation
@@ -350,8 +410,22 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
     processes), the student is wrapped by accelerate (DDP, or FSDP when the accelerate config says so),
     gradients are averaged across processes, and mixed precision follows the accelerator; `steps` counts
     optimizer steps, each seeing one batch per process.
+
+    `teacher_cache`: a dict (empty at first) that keeps the teacher's final hidden state and mapped states
+    per batch, so that a second distillation from the same teacher on the same batches (a control run, the
+    same heal of several students) or a second epoch recomputes only the teacher's output embedding, not
+    its blocks; the results are identical (the cache checks it, and refuses a dict filled by another teacher,
+    by `utils.evaluation.model_fingerprint`). It costs memory: two hidden states per
+    batch (for SmolLM2-135M and 4 x 256 tokens, about 5 MB a batch).
     """
     check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
+    if teacher_cache is not None and not isinstance(teacher_cache, dict):
+        raise TypeError(f"teacher_cache must be a dict (start with {{}}) or None, got {type(teacher_cache).__name__}.")
+    if teacher_cache is not None:  # one cache, one teacher: a cache filled by another model is refused
+        fingerprint = model_fingerprint(teacher)
+        if teacher_cache.setdefault("teacher", fingerprint) != fingerprint:
+            raise ValueError("teacher_cache holds the outputs of another teacher (or of this one before its weights "
+                             "changed): pass a new dict.")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     _check_weights(ce_weight, kd_weight, hidden_weight)
@@ -377,7 +451,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
     elif device is not None:
         student.to(device)
     terms = dict(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, hidden_weight=hidden_weight,
-                 layer_map=layer_map)
+                 layer_map=layer_map, teacher_cache=teacher_cache)
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return _batch_terms(model, teacher, batch, **terms)
