@@ -241,6 +241,7 @@ ROWS = [
     Row("distill.default_layer_map", lambda c: distill.default_layer_map("12", 4), TypeError, "student_layers"),
     Row("distill.distillation_metrics", lambda c: distill.distillation_metrics(c.model, c.model, [], temperature=2.0), ValueError, "batches"),
     Row("distill.distill", lambda c: distill.distill(c.model, c.model, c.batches, steps=0), ValueError, "steps", True),
+    Row("distill.logits_from_final_state", lambda c: distill.logits_from_final_state(c.model, torch.zeros(1, 4, dtype=torch.long)), ValueError, "final_state"),
     Row("distill.train_only_blocks_from", lambda c: distill.train_only_blocks_from(c.model, 9), ValueError, "first_block", True),
     # hooks
     Row("hooks.capture_activations", lambda c: hooks.capture_activations(c.model, layers="12").__enter__(), TypeError, "layers"),
@@ -350,12 +351,13 @@ ROWS = [
     Row("explorers.explore", lambda c: explorers.explore({"m": {"x": [1.0, 2.0], "y": [1.0, 2.0]}}, "x", "z", interactive=False), ValueError, "y"),
     Row("explorers.explorer_widget", lambda c: explorers.explorer_widget("explorer"), TypeError, "explorer"),
     # models (new)
+    Row("models.run_for_hooks", lambda c: __import__("utils.models").models.run_for_hooks(c.model, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5)), ValueError, "attention_mask"),
     Row("models.saved_folder_kind", lambda c: __import__("utils.models").models.saved_folder_kind("/proc/rearch-missing"), FileNotFoundError, "folder"),
     # serving
     Row("serving.attention_implementation", lambda c: serving.attention_implementation(c.model, "flash9").__enter__(), ValueError, "name", True),
     Row("serving.card_peaks", lambda c: serving.card_peaks(memory_bytes_per_s=-1.0), ValueError, "memory_bytes_per_s"),
     Row("serving.check_step_arguments", lambda c: serving.check_step_arguments(0, 128, "auto", "decode"), ValueError, "batch_size"),
-    Row("serving.compile_blocks", lambda c: serving.compile_blocks(c.model, mode="fastest"), ValueError, "mode", True),
+    Row("serving.compile_blocks", lambda c: serving.compile_blocks(c.model, scope="layer"), ValueError, "scope", True),
     Row("serving.copy_bandwidth", lambda c: serving.copy_bandwidth("cpu", megabytes=0), ValueError, "megabytes"),
     Row("serving.decode_attention", lambda c: serving.decode_attention(c.model.model.layers[0].self_attn, torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), None, dropout=0.5), ValueError, "dropout"),
     Row("serving.decode_attention_matmul", lambda c: serving.decode_attention_matmul(c.model.model.layers[0].self_attn, torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), None, dropout=0.5), ValueError, "dropout"),

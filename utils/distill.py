@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import Batch, check_batches, check_disjoint, to_device, token_counts
-from .checks import check_callable, check_indices, check_int
+from .checks import check_callable, check_indices, check_int, check_module, check_tensor
 from .evaluation import model_fingerprint
 from .models import decoder_layers, model_device
 from .training import (
@@ -265,6 +265,10 @@ def _forward(model: nn.Module, batch: Batch, hidden: bool):
 def logits_from_final_state(model: nn.Module, final_state: torch.Tensor) -> torch.Tensor:
     """The logits a causal LM computes from its final hidden state (the last of `output_hidden_states`, after
     the final norm): its output embedding, then the final soft-capping where the config has one (Gemma)."""
+    check_module("model", model)
+    check_tensor("final_state", final_state, dim=3, integer=False)
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"model ({type(model).__name__}) has no output embedding: pass a causal language model.")
     logits = model.get_output_embeddings()(final_state)
     cap = getattr(_text_config(model), "final_logit_softcapping", None)
     if cap:

