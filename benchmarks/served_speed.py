@@ -16,7 +16,9 @@ copy bandwidth on a CPU). Sections (each written to the results file as soon as 
   glu       the three GLU matrix-vector products of one block at several widths: cuBLAS in a CUDA graph vs
             torch.compile max-autotune, with the kernel each picks (why a narrower GLU loses efficiency)
   profile   the kernels of a captured base and width step (time per kernel name, launches, gaps)
-  compiled  utils.serving.compile_blocks on every variant, then the decode section again
+  compiled  utils.serving.compile_blocks on every variant, then the decode section again (one section per
+            --compile-scopes entry: "compiled" for the pieces of each block, "compiled model" for the whole forward;
+            each scope on freshly built variants)
 
   GPU (Llama-3.1-8B shape, random bf16 weights):  python benchmarks/served_speed.py
   CPU, the embedded model:  python benchmarks/served_speed.py --model embedded --device cpu --settings 1x128 \
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--sections", default="decode,attention,eager,prefill,glu,compiled")
     parser.add_argument("--attention", default="decode,matmul", help="decode attentions to measure (utils.serving.ATTENTIONS)")
     parser.add_argument("--compiled-settings", default="1x128,16x4096")
+    parser.add_argument("--compile-scopes", default="pieces,model", help="utils.serving.COMPILE_SCOPES to measure")
     parser.add_argument("--fraction", type=int, default=4, help="a 1/fraction of blocks removed or bypassed")
     parser.add_argument("--width-percent", type=float, default=40.0)
     parser.add_argument("--multiple", type=int, default=128, help="rounding multiple of the pruned GLU width")
@@ -257,12 +260,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    if args.model == "embedded":
-        base, _ = load_model("embedded", device=device, dtype=dtype)
-    elif args.model in ARCHITECTURES or args.model in TINY_ARCHITECTURES:
-        base = build_from_config(args.model, device=device, dtype=dtype)
-    else:
+    def load() -> torch.nn.Module:
+        if args.model == "embedded":
+            return load_model("embedded", device=device, dtype=dtype)[0]
+        if args.model in ARCHITECTURES or args.model in TINY_ARCHITECTURES:
+            return build_from_config(args.model, device=device, dtype=dtype)
         raise SystemExit(f"unknown model {args.model}")
+
+    base = load()
     models, described = build_variants(base, args.fraction, args.width_percent, args.multiple)
     result["shape"] = architecture_summary(base.config)
     result["variants"] = described
@@ -311,16 +316,25 @@ def main() -> None:
     if "compiled" in sections and device.type == "cuda":
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.cache_size_limit = 64
+        which = [tuple(int(v) for v in s.split("x")) for s in args.compiled_settings.split(",")]
+        for number, scope in enumerate(args.compile_scopes.split(",")):
+            if number:  # compile_blocks works in place: every scope after the first gets freshly built variants
+                models.clear()
+                base = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                base = load()
+                models.update(build_variants(base, args.fraction, args.width_percent, args.multiple)[0])
+            section = "compiled" if scope == "pieces" else f"compiled {scope}"
 
-        def compiled():
-            for model in models.values():
-                compile_blocks(model, "max-autotune-no-cudagraphs")
-            which = [tuple(int(v) for v in s.split("x")) for s in args.compiled_settings.split(",")]
-            return {attention: decode(which=which, attention=attention) for attention in attentions}
-        attempt("compiled", compiled)
-        if "profile" in sections:
-            attempt("profile compiled", lambda: {"compiled 1x128": kernel_profile(
-                {name: models[name] for name in ("base", "width")}, 1, 128)})
+            def compiled(scope=scope):
+                for model in models.values():
+                    compile_blocks(model, "max-autotune-no-cudagraphs", scope=scope)
+                return {attention: decode(which=which, attention=attention) for attention in attentions}
+            attempt(section, compiled)
+            if "profile" in sections:
+                attempt(f"profile {section}", lambda: {f"{section} 1x128": kernel_profile(
+                    {name: models[name] for name in ("base", "width")}, 1, 128)})
     print(f"done in {time.time() - started:.0f}s; wrote {path}")
 
 

@@ -378,20 +378,32 @@ are suspended while the graph is captured: `python_hooks_suspended`). The callab
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("pieces", "model")
 
 
-def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs") -> nn.Module:
-    """Compile, in place, the pieces of every decoder block that hold no cache: the MLP, the norms and the
-    attention's linear projections (`nn.Module.compile` with `torch.compile`'s `mode`); returns the model.
+def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs", scope: str = "pieces") -> nn.Module:
+    """Compile, in place, the decoder blocks of `model` (or its whole forward) with `torch.compile`'s `mode`;
+    returns the model.
 
-    Inductor then fuses the norms' and the GLU's elementwise work into few kernels and, with
+    `scope="pieces"` compiles the pieces of every block that hold no cache: the MLP, the norms and the
+    attention's linear projections (`nn.Module.compile`); the attention itself, the rotary embedding, the
+    residual additions and the KV-cache writes stay eager, and blocks of one shape share the compiled code.
+    `scope="model"` compiles the model's whole `forward` as one graph (every block, cache writes, attention
+    and the LM head), the way transformers and gpt-fast compile a decoder for a static cache, so Inductor can
+    also fuse the rotary embedding, the residual additions and the query/key/value products that share one
+    input; it takes longer to compile. Inductor fuses the elementwise work into few kernels and, with
     "max-autotune-no-cudagraphs", picks each matrix-vector product's kernel by timing candidates for its
-    exact shape. The attention itself and the KV-cache writes stay eager, so a `served_decode_step` built
-    afterwards captures the compiled kernels in its CUDA graph (the graph is ours, hence no "cudagraphs"
-    in the mode). Compilation happens at the first call; blocks of one shape share the compiled code.
+    exact shape. A `served_decode_step` built afterwards captures the compiled kernels in its CUDA graph (the
+    graph is ours, hence no "cudagraphs" in the mode). Compilation happens at the first call.
     """
+    check_module("model", model)
     if mode not in COMPILE_MODES:
         raise ValueError(f"`mode` must be one of {COMPILE_MODES}, got {mode!r}.")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"`scope` must be one of {COMPILE_SCOPES}, got {scope!r}.")
+    if scope == "model":
+        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        return model
     for block in decoder_layers(model):
         for name, child in block.named_children():
             if name == "mlp" or name.endswith("norm"):
