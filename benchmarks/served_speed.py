@@ -303,15 +303,14 @@ def main() -> None:
         attempt("attention", lambda: decode(attention="sdpa", chosen={"base": base}, which=[biggest]))
     if "eager" in sections:
         attempt("eager", lambda: decode(mode="eager", attention="sdpa", which=[settings[0]], steps=5))
-    if "prefill" in sections:
-        static = {name: model for name, model in models.items() if name != "adaptive"}  # adaptive decides at prefill
-        attempt("prefill", lambda: prefill_report(static, args.prefill, repeats=5, warmup=1, peaks=peaks))
+    if "prefill" in sections:  # the adaptive model decides at prefill: left out
+        attempt("prefill", lambda: prefill_report({name: model for name, model in models.items() if name != "adaptive"},
+                                                  args.prefill, repeats=5, warmup=1, peaks=peaks))
     if "glu" in sections and device.type == "cuda":
         widths = [int(w) for w in args.glu_widths.split(",")]
         attempt("glu", lambda: glu_study(base.config.hidden_size, widths, dtype, peaks, args.repeats))
     if "profile" in sections and device.type == "cuda":
-        chosen = {name: models[name] for name in ("base", "width")}
-        attempt("profile", lambda: {"graph 1x128": kernel_profile(chosen, 1, 128),
+        attempt("profile", lambda: {"graph 1x128": kernel_profile({name: models[name] for name in ("base", "width")}, 1, 128),
                                     "graph 1x4096 base": kernel_profile({"base": base}, 1, 4096)})
     if "compiled" in sections and device.type == "cuda":
         torch._dynamo.config.recompile_limit = 64
@@ -323,18 +322,26 @@ def main() -> None:
                 base = None
                 gc.collect()
                 torch.cuda.empty_cache()
-                base = load()
-                models.update(build_variants(base, args.fraction, args.width_percent, args.multiple)[0])
+                try:
+                    base = load()
+                    models.update(build_variants(base, args.fraction, args.width_percent, args.multiple)[0])
+                except Exception as error:  # noqa: BLE001 (record it: the sections already written stay)
+                    save(f"compiled {scope}", {"error": repr(error)})
+                    continue
             section = "compiled" if scope == "pieces" else f"compiled {scope}"
+            # a whole-model compile keeps the hooks it was traced with, so the adaptive model (its router is a
+            # hook) cannot be captured that way: compile_blocks refuses it, and the section leaves it out
+            chosen = {name: model for name, model in models.items() if scope == "pieces" or name != "adaptive"}
 
-            def compiled(scope=scope):
-                for model in models.values():
+            def compiled(scope=scope, chosen=chosen):
+                for model in chosen.values():
                     compile_blocks(model, "max-autotune-no-cudagraphs", scope=scope)
-                return {attention: decode(which=which, attention=attention) for attention in attentions}
+                return {attention: decode(which=which, attention=attention, chosen=chosen) for attention in attentions}
             attempt(section, compiled)
             if "profile" in sections:
                 attempt(f"profile {section}", lambda: {f"{section} 1x128": kernel_profile(
                     {name: models[name] for name in ("base", "width")}, 1, 128)})
+            del chosen
     print(f"done in {time.time() - started:.0f}s; wrote {path}")
 
 

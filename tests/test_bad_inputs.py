@@ -357,6 +357,7 @@ ROWS = [
     Row("serving.attention_implementation", lambda c: serving.attention_implementation(c.model, "flash9").__enter__(), ValueError, "name", True),
     Row("serving.card_peaks", lambda c: serving.card_peaks(memory_bytes_per_s=-1.0), ValueError, "memory_bytes_per_s"),
     Row("serving.check_step_arguments", lambda c: serving.check_step_arguments(0, 128, "auto", "decode"), ValueError, "batch_size"),
+    Row("serving.compile_blocks", lambda c: serving.compile_blocks(c.model, mode="fastest"), ValueError, "mode", True),
     Row("serving.compile_blocks", lambda c: serving.compile_blocks(c.model, scope="layer"), ValueError, "scope", True),
     Row("serving.copy_bandwidth", lambda c: serving.copy_bandwidth("cpu", megabytes=0), ValueError, "megabytes"),
     Row("serving.decode_attention", lambda c: serving.decode_attention(c.model.model.layers[0].self_attn, torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), None, dropout=0.5), ValueError, "dropout"),

@@ -390,5 +390,8 @@ def test_teacher_cache_refuses_another_teacher_and_a_wrong_kind(teacher):
     other = tiny_model("tiny-llama", seed=1)[0]
     with pytest.raises(ValueError, match="another teacher"):
         distill(remove_layers(other, [1]), other, batches, steps=1, progress=False, teacher_cache=cache)
+    with pytest.raises(ValueError, match="precision"):  # the same teacher run in another precision
+        distill(remove_layers(teacher, [1]), teacher, batches, steps=1, progress=False, teacher_cache=cache,
+                mixed_precision="bf16")
     with pytest.raises(TypeError, match="teacher_cache"):
         distill(remove_layers(teacher, [1]), teacher, batches, steps=1, progress=False, teacher_cache=[])

@@ -179,6 +179,15 @@ def test_bad_inputs(llama, cpu_llama):
         served_decode_report({"base": llama}, baseline="other")
     with pytest.raises(ValueError, match="mode"):
         compile_blocks(llama, "reduce-overhead")  # its CUDA graphs would nest inside the step's own
+    with pytest.raises(ValueError, match="scope"):
+        compile_blocks(llama, scope="layers")
+    handle = decoder_layers(llama)[0].register_forward_hook(lambda *args: None)
+    try:  # a whole-model graph would keep the hook for good: refused, and nothing compiled
+        with pytest.raises(ValueError, match="hooks"):
+            compile_blocks(llama, scope="model")
+        assert "forward" not in vars(llama)
+    finally:
+        handle.remove()
     with pytest.raises(ValueError, match="megabytes"):
         copy_bandwidth("cpu", 0)
     assert copy_bandwidth("cpu", 8, repeats=2) > 0
@@ -190,3 +199,15 @@ def test_relation_to_ideal():
     assert relation_to_ideal(1.13, 1.43) == "below"
     with pytest.raises(ValueError, match="tolerance"):
         relation_to_ideal(0, 1.2)
+
+
+def test_compile_blocks_whole_model_keeps_the_step_exact():
+    # scope="model" compiles the whole forward (Inductor; "default" mode, so the CPU lane compiles in seconds
+    # rather than autotuning): the served step's logits match the eager model's
+    model = load_model("tiny-llama")[0]
+    reference = served_decode_step(model, batch_size=2, context=8, mode="eager")().clone()
+    compile_blocks(model, "default", scope="model")
+    step = served_decode_step(model, batch_size=2, context=8, mode="auto")
+    exact = next(model.parameters()).dtype == torch.float32  # the GPU lane runs bf16 and fp16: fused kernels round
+    tolerance = dict(rtol=1e-4, atol=1e-4) if exact else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(step().float(), reference.float(), **tolerance)

@@ -33,6 +33,7 @@ from .models import decoder_layers, model_device
 from .training import (
     EvalFn,
     TrainingHistory,
+    autocast_dtype,
     check_training_arguments,
     evaluation_values,
     train,
@@ -311,7 +312,7 @@ def _teacher_outputs(teacher: nn.Module, batch: Batch, layer_map: Mapping[int, i
                                      "its logits are not its output embedding of its final hidden state. Pass "
                                      "teacher_cache=None.")
                 teacher_cache["checked"] = True
-        states = {index: out.hidden_states[index] for index in needed}
+        states = {**(stored or {}).get("states", {}), **{index: out.hidden_states[index] for index in needed}}
         teacher_cache[key] = {"final": final, "states": states}
         logits = out.logits
     else:
@@ -415,21 +416,27 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
     gradients are averaged across processes, and mixed precision follows the accelerator; `steps` counts
     optimizer steps, each seeing one batch per process.
 
-    `teacher_cache`: a dict (empty at first) that keeps the teacher's final hidden state and mapped states
-    per batch, so that a second distillation from the same teacher on the same batches (a control run, the
-    same heal of several students) or a second epoch recomputes only the teacher's output embedding, not
-    its blocks; the results are identical (the cache checks it, and refuses a dict filled by another teacher,
-    by `utils.evaluation.model_fingerprint`). It costs memory: two hidden states per
-    batch (for SmolLM2-135M and 4 x 256 tokens, about 5 MB a batch).
+    `teacher_cache`: a dict (empty at first) that keeps the teacher's final hidden state and the states the
+    layer map uses, per batch, so that a second distillation from the same teacher on the same batches (a
+    control run, the same heal of several students) or a second epoch recomputes only the teacher's output
+    embedding, not its blocks. The training is the same as without the cache: the head is checked once to
+    reproduce the teacher's logits exactly, and a dict filled by another teacher, device or precision is
+    refused. It costs memory where the teacher lives: one hidden state per batch, plus one per mapped
+    teacher state (SmolLM2-135M, 4 x 256 tokens, one state at the cut: about 5 MB a batch).
     """
     check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
     if teacher_cache is not None and not isinstance(teacher_cache, dict):
         raise TypeError(f"teacher_cache must be a dict (start with {{}}) or None, got {type(teacher_cache).__name__}.")
-    if teacher_cache is not None:  # one cache, one teacher: a cache filled by another model is refused
-        fingerprint = model_fingerprint(teacher)
-        if teacher_cache.setdefault("teacher", fingerprint) != fingerprint:
-            raise ValueError("teacher_cache holds the outputs of another teacher (or of this one before its weights "
-                             "changed): pass a new dict.")
+    if teacher_cache is not None:
+        # one cache, one teacher computed one way: weights and block classes, device, and the precision the
+        # training loop runs it in (a cache filled another way is refused)
+        precision = (f"accelerate {accelerator.mixed_precision}" if accelerator is not None
+                     else str(autocast_dtype(student, mixed_precision)))
+        identity = (model_fingerprint(teacher), str(model_device(teacher)), precision,
+                    tuple(type(block).__name__ for block in decoder_layers(teacher)))
+        if teacher_cache.setdefault("teacher", identity) != identity:
+            raise ValueError("teacher_cache holds outputs computed another way (another teacher, this one before a "
+                             "change of its weights, blocks or device, or another precision): pass a new dict.")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     _check_weights(ce_weight, kd_weight, hidden_weight)

@@ -649,7 +649,8 @@ def run_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if attention_mask is not None and check_tensor("attention_mask", attention_mask).shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}.")
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes it through
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
     model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
 

@@ -382,19 +382,18 @@ COMPILE_SCOPES = ("pieces", "model")
 
 
 def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs", scope: str = "pieces") -> nn.Module:
-    """Compile, in place, the decoder blocks of `model` (or its whole forward) with `torch.compile`'s `mode`;
-    returns the model.
+    """Compile `model` in place with `torch.compile`'s `mode`, by pieces of each block or as a whole; returns it.
 
-    `scope="pieces"` compiles the pieces of every block that hold no cache: the MLP, the norms and the
-    attention's linear projections (`nn.Module.compile`); the attention itself, the rotary embedding, the
-    residual additions and the KV-cache writes stay eager, and blocks of one shape share the compiled code.
-    `scope="model"` compiles the model's whole `forward` as one graph (every block, cache writes, attention
-    and the LM head), the way transformers and gpt-fast compile a decoder for a static cache, so Inductor can
-    also fuse the rotary embedding, the residual additions and the query/key/value products that share one
-    input; it takes longer to compile. Inductor fuses the elementwise work into few kernels and, with
-    "max-autotune-no-cudagraphs", picks each matrix-vector product's kernel by timing candidates for its
-    exact shape. A `served_decode_step` built afterwards captures the compiled kernels in its CUDA graph (the
-    graph is ours, hence no "cudagraphs" in the mode). Compilation happens at the first call.
+    `scope="pieces"` compiles what holds no cache in every block (the MLP, the norms, the attention's linear
+    projections); attention, rotary embedding, residual additions and cache writes stay eager, and blocks of
+    one shape share the code. `scope="model"` compiles the whole `forward` as one graph, as transformers and
+    gpt-fast compile a static-cache decoder, so Inductor also fuses the rotary embedding, the residual
+    additions and the query/key/value products that share an input; it compiles longer, and it refuses a
+    model with forward hooks (an adaptive model's router, a capture), because a compiled graph keeps the hooks
+    it was traced with and ignores later changes, so `python_hooks_suspended` could not lift them for a CUDA
+    graph. With "max-autotune-no-cudagraphs" each matrix-vector product's kernel is picked by timing; the
+    graph of a `served_decode_step` built afterwards replays the compiled kernels (the graph is ours, hence no
+    "cudagraphs" in the mode). Compilation happens at the first call.
     """
     check_module("model", model)
     if mode not in COMPILE_MODES:
@@ -402,6 +401,11 @@ def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs", s
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"`scope` must be one of {COMPILE_SCOPES}, got {scope!r}.")
     if scope == "model":
+        hooked = sorted({type(module).__name__ for module in model.modules()
+                         if any(getattr(module, table, None) for table in HOOK_TABLES)})
+        if hooked:
+            raise ValueError(f"scope='model' compiles a model's hooks into its graph, and this model has forward hooks "
+                             f"on {hooked} (an adaptive router, a capture?): remove them first or use scope='pieces'.")
         model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
         return model
     for block in decoder_layers(model):
