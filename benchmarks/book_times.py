@@ -10,39 +10,16 @@ build's time went:
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-READING = re.compile(r"reading sources\.\.\. \[\s*\d+%\] (\S+)")
-EXECUTING = re.compile(r"(\S+)\.ipynb: Executing notebook")
-EXECUTED = re.compile(r"Executed notebook in ([\d.]+) seconds")
-CACHED = re.compile(r"Using cached notebook|Cached executed notebook|retrieved from cache", re.IGNORECASE)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def chapter_times(log: str) -> list[tuple[str, float | None]]:
-    """(page, seconds executed, or None when it came from the cache) for every notebook page in the log."""
-    times: dict[str, float | None] = {}
-    page = None
-    for line in log.splitlines():
-        line = ANSI.sub("", line)
-        reading = READING.search(line) or EXECUTING.search(line)
-        if reading:
-            page = reading.group(1)
-            if "/" in page and not reading.re is READING:
-                page = "/".join(page.split("/")[-2:])
-            continue
-        executed = EXECUTED.search(line)
-        if executed and page:
-            times[page] = float(executed.group(1))
-        elif CACHED.search(line) and page and page not in times:
-            times[page] = None
-    return list(times.items())
+from utils.book import book_log_times  # noqa: E402
 
 
 def main(path: str) -> None:
-    rows = chapter_times(Path(path).read_text(errors="replace"))
+    rows = book_log_times(Path(path).read_text(errors="replace"))
     if not rows:
         print("No notebook was executed in this build (every chapter came from the execution cache).")
         return

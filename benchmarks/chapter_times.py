@@ -8,6 +8,11 @@ to `chapter_times-<cpu|gpu>.json` (the file the chapters' "Before you start" cel
 else in benchmarks/results/. A notebook that fails is recorded with its error and makes the script exit 1.
 The numbers each chapter glued (`utils.book.glue` prints them as `name = value`) are kept in the record too,
 so a run on another machine can be compared with the book's.
+
+    python benchmarks/chapter_times.py CH02/CH02_first_surgery.ipynb --book-build /path/to/clone --commit abc1234
+
+records instead the chapters that a finished `make book` in that clone executed (their seconds from its
+_build/book.log, their glued numbers from its _build/jupyter_execute copies; no cell times).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def machine() -> tuple[str, str]:
@@ -74,6 +80,29 @@ def cell_seconds(notebook) -> list[dict[str, object]]:
     return cells
 
 
+def record_book_build(folder: Path, notebooks: list[str], commit: str, description: str, record: dict,
+                      path: Path) -> None:
+    """Append a run for each of `notebooks` that the `make book` in `folder` executed: its seconds from the
+    build log (`utils.book.book_log_times`) and its glued numbers from the executed copy; no cell times (the
+    build does not keep them)."""
+    import nbformat
+
+    from utils.book import book_log_times
+
+    seconds = dict(book_log_times((folder / "_build" / "book.log").read_text(errors="replace")))
+    for name in notebooks:
+        page = name.removesuffix(".ipynb")
+        if seconds.get(page) is None:
+            raise SystemExit(f"{name}: the build in {folder} did not execute it (not in its log, or from the cache)")
+        executed = nbformat.read(folder / "_build" / "jupyter_execute" / name, as_version=4)
+        run = {"chapter": name, "commit": commit, "date": time.strftime("%Y-%m-%d"), "seconds": seconds[page],
+               "machine": description, "source": "make book (jupyter-book, the whole book in one build)",
+               "glued": glued_values(executed)}
+        record["runs"].append(run)
+        print(f"{name}: {run['seconds']:.0f} s (make book)", flush=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -82,6 +111,9 @@ def main() -> None:
     parser.add_argument("notebooks", nargs="+")
     parser.add_argument("--commit", default=os.environ.get("REARCH_COMMIT", "working tree"))
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--book-build", metavar="FOLDER",
+                        help="record the chapters a finished `make book` in FOLDER executed (times from its "
+                             "_build/book.log, glued numbers from _build/jupyter_execute) instead of running them")
     args = parser.parse_args()
     kind, description = machine()
     out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
@@ -93,6 +125,9 @@ def main() -> None:
         record = {"what": "Wall time to execute a chapter notebook on the embedded model (SmolLM2-135M-Instruct), "
                           "nbclient, one notebook at a time, the chapter's own budgets for this kind of machine",
                   "machine": description, "runs": []}
+    if args.book_build:
+        record_book_build(Path(args.book_build), args.notebooks, args.commit, description, record, path)
+        return
     failed = False
     for name in args.notebooks:
         notebook_path = (ROOT / name).resolve()

@@ -1,11 +1,6 @@
 """The build-time table reads Sphinx's and myst-nb's log lines, colour codes included."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from book_times import chapter_times  # noqa: E402
+from utils.book import book_log_times
 
 LOG = ("\x1b[01mreading sources... \x1b[39;49;00m[  9%] \x1b[35mCH02/CH02_first_surgery\x1b[39;49;00m\n"
        "/w/CH02/CH02_first_surgery.ipynb: Executing notebook using local CWD [mystnb]\n"
@@ -16,4 +11,4 @@ LOG = ("\x1b[01mreading sources... \x1b[39;49;00m[  9%] \x1b[35mCH02/CH02_first_
 
 
 def test_chapter_times_from_a_build_log():
-    assert chapter_times(LOG) == [("CH02/CH02_first_surgery", 612.3), ("CH03/CH03_model_anatomy", None)]
+    assert book_log_times(LOG) == [("CH02/CH02_first_surgery", 612.3), ("CH03/CH03_model_anatomy", None)]

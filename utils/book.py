@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 
 try:  # the book's builder; absent in a plain notebook environment
     from myst_nb import glue as _myst_glue
@@ -129,3 +130,41 @@ def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> st
     where = run["machine"].split(",")[0] if kind == "gpu" else run["machine"].split(", Python")[0]
     minutes = max(1, round(run["seconds"] / 60))
     return f"about {minutes} minute{'' if minutes == 1 else 's'} ({where}, {run.get('date', 'undated')})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Build logs
+# ---------------------------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_READING = re.compile(r"reading sources\.\.\. \[\s*\d+%\] (\S+)")
+_EXECUTING = re.compile(r"(\S+)\.ipynb: Executing notebook")
+_EXECUTED = re.compile(r"Executed notebook in ([\d.]+) seconds")
+_CACHED = re.compile(r"Using cached notebook|Cached executed notebook|retrieved from cache", re.IGNORECASE)
+
+
+def book_log_times(log: str) -> list[tuple[str, float | None]]:
+    """(page, seconds executed, or None when it came from the cache) for every notebook page of a book build's log.
+
+    Reads the lines Sphinx writes as it reads each page ("reading sources... [ 40%] CH05/CH05_width_pruning")
+    and myst-nb's ("Executed notebook in 512.34 seconds", or that it came from the execution cache), colour
+    codes included; `make book` keeps them in _build/book.log.
+    """
+    if not isinstance(log, str):
+        raise TypeError(f"log must be the text of a build log (str), got {type(log).__name__}.")
+    times: dict[str, float | None] = {}
+    page = None
+    for line in log.splitlines():
+        line = _ANSI.sub("", line)
+        reading = _READING.search(line) or _EXECUTING.search(line)
+        if reading:
+            page = reading.group(1)
+            if "/" in page and not reading.re is _READING:
+                page = "/".join(page.split("/")[-2:])
+            continue
+        executed = _EXECUTED.search(line)
+        if executed and page:
+            times[page] = float(executed.group(1))
+        elif _CACHED.search(line) and page and page not in times:
+            times[page] = None
+    return list(times.items())
