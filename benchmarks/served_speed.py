@@ -75,26 +75,32 @@ def spread_indices(n_layers: int, count: int) -> list[int]:
     return sorted({round(1 + i * (n_layers - 2) / count) for i in range(count)})
 
 
-def build_variants(base: torch.nn.Module, fraction: int, width_percent: float, multiple: int) -> tuple[dict, dict]:
-    """The base model and one variant per transformation, and a description of each."""
+def build_variants(base: torch.nn.Module, fraction: int, width_percent: float, multiple: int,
+                   kept: tuple[str, ...] = ("base", "depth", "width", "bypass", "adaptive")) -> tuple[dict, dict]:
+    """The base model and one variant per transformation named in `kept`, and a description of each."""
     n_layers = len(decoder_layers(base))
     count = max(1, n_layers // fraction)
     depth_removed = spread_indices(n_layers, count)
     bypassed = spread_indices(n_layers, count)
     current = base.config.intermediate_size
     width = target_intermediate_size(current, base.config.hidden_size, percent=width_percent, multiple=multiple)
-    models = {"base": base,
-              "depth": remove_layers(base, depth_removed),
-              "width": prune_glu_width(base, static_neuron_importance(base, "peak_to_peak"), intermediate_size=width),
-              "bypass": bypass_attention(base, bypassed)}
-    adaptive = copy.deepcopy(base)
-    hidden = base.config.hidden_size
-    router = AttentionRouter(router_layer=0, profiles=["measured"], skip_sets={"measured": bypassed},
-                             weight=torch.zeros(1, hidden), bias=torch.zeros(1), feature_mean=torch.zeros(hidden),
-                             feature_std=torch.ones(hidden))
-    make_adaptive(adaptive, router)
-    adaptive_state(adaptive).apply(bypassed)  # the decision the router made at prefill, fixed for the step
-    models["adaptive"] = adaptive
+    builders = {"base": lambda: base,
+                "depth": lambda: remove_layers(base, depth_removed),
+                "width": lambda: prune_glu_width(base, static_neuron_importance(base, "peak_to_peak"),
+                                                 intermediate_size=width),
+                "bypass": lambda: bypass_attention(base, bypassed)}
+
+    def adaptive() -> torch.nn.Module:
+        model = copy.deepcopy(base)
+        hidden = base.config.hidden_size
+        router = AttentionRouter(router_layer=0, profiles=["measured"], skip_sets={"measured": bypassed},
+                                 weight=torch.zeros(1, hidden), bias=torch.zeros(1), feature_mean=torch.zeros(hidden),
+                                 feature_std=torch.ones(hidden))
+        make_adaptive(model, router)
+        adaptive_state(model).apply(bypassed)  # the decision the router made at prefill, fixed for the step
+        return model
+    builders["adaptive"] = adaptive
+    models = {name: build() for name, build in builders.items() if name in kept}  # built one by one, only those asked
     described = {"base": "unpruned",
                  "depth": f"{count} of {n_layers} blocks removed: {depth_removed}",
                  "width": f"GLU width {current} -> {width} ({width_percent}% removed, multiple {multiple})",
@@ -202,6 +208,8 @@ def main() -> None:
     parser.add_argument("--attention", default="decode,matmul", help="decode attentions to measure (utils.serving.ATTENTIONS)")
     parser.add_argument("--compiled-settings", default="1x128,16x4096")
     parser.add_argument("--compile-scopes", default="pieces,model", help="utils.serving.COMPILE_SCOPES to measure")
+    parser.add_argument("--variants", default="base,depth,width,bypass,adaptive",
+                        help="which variants to keep (fewer fit a smaller card: the 8B shape's five need about 70 GB)")
     parser.add_argument("--fraction", type=int, default=4, help="a 1/fraction of blocks removed or bypassed")
     parser.add_argument("--width-percent", type=float, default=40.0)
     parser.add_argument("--multiple", type=int, default=128, help="rounding multiple of the pruned GLU width")
@@ -268,7 +276,13 @@ def main() -> None:
         raise SystemExit(f"unknown model {args.model}")
 
     base = load()
-    models, described = build_variants(base, args.fraction, args.width_percent, args.multiple)
+    kept = args.variants.split(",")
+
+    def variants(base: torch.nn.Module) -> tuple[dict, dict]:
+        """build_variants, keeping only --variants (the others freed at once)."""
+        return build_variants(base, args.fraction, args.width_percent, args.multiple, tuple(kept))
+
+    models, described = variants(base)
     result["shape"] = architecture_summary(base.config)
     result["variants"] = described
     result["method"] = (f"utils.serving.served_decode_report: StaticCache of context+1 tokens pre-filled with random "
@@ -310,7 +324,7 @@ def main() -> None:
         widths = [int(w) for w in args.glu_widths.split(",")]
         attempt("glu", lambda: glu_study(base.config.hidden_size, widths, dtype, peaks, args.repeats))
     if "profile" in sections and device.type == "cuda":
-        attempt("profile", lambda: {"graph 1x128": kernel_profile({name: models[name] for name in ("base", "width")}, 1, 128),
+        attempt("profile", lambda: {"graph 1x128": kernel_profile({name: models[name] for name in ("base", "width") if name in models}, 1, 128),
                                     "graph 1x4096 base": kernel_profile({"base": base}, 1, 4096)})
     if "compiled" in sections and device.type == "cuda":
         torch._dynamo.config.recompile_limit = 64
@@ -324,7 +338,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 try:
                     base = load()
-                    models.update(build_variants(base, args.fraction, args.width_percent, args.multiple)[0])
+                    models.update(variants(base)[0])
                 except Exception as error:  # noqa: BLE001 (record it: the sections already written stay)
                     save(f"compiled {scope}", {"error": repr(error)})
                     continue
@@ -340,7 +354,7 @@ def main() -> None:
             attempt(section, compiled)
             if "profile" in sections:
                 attempt(f"profile {section}", lambda: {f"{section} 1x128": kernel_profile(
-                    {name: models[name] for name in ("base", "width")}, 1, 128)})
+                    {name: models[name] for name in ("base", "width") if name in models}, 1, 128)})
             del chosen
     print(f"done in {time.time() - started:.0f}s; wrote {path}")
 
