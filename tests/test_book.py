@@ -78,3 +78,21 @@ def test_recorded_runs_keep_the_latest_valid_run_of_each_chapter(tmp_path):
     assert recorded_time("CH04/z.ipynb", "cpu", tmp_path) == "not yet recorded"
     with pytest.raises(ValueError, match="kind"):
         recorded_runs("tpu", tmp_path)
+
+
+def test_glue_gives_the_book_plain_numbers_for_numpy_and_torch_scalars(monkeypatch, capsys):
+    # the book's {glue:text} roles format the glued text: "np.float64(0.99)" cannot be formatted (a site build
+    # warned and left the sentence without its number), the Python float 0.99 can
+    import numpy as np
+    import torch
+
+    import utils.book as book
+
+    received = {}
+    monkeypatch.setattr(book, "_myst_glue", lambda name, value, display=False: received.update({name: value}))
+    book.glue("ratio", np.float64(0.9933))
+    book.glue("count", np.int64(7))
+    book.glue("loss", torch.tensor(0.25))
+    assert received == {"ratio": 0.9933, "count": 7, "loss": 0.25}
+    assert all(type(value) in (float, int) for value in received.values())
+    assert "np.float64" not in capsys.readouterr().out

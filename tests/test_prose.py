@@ -90,6 +90,10 @@ def test_pages_quote_values_a_chapter_glues(page):
             missing.append(f"{role} (a page must name the notebook: path.ipynb::name)")
             continue
         notebook, name = role.split("::")[0], role.split("::")[1].split(":")[0]
+        if ":" not in role.split("::")[1]:
+            # myst-nb splits a text role at its last ":" for the format: "path::name" alone would read as the
+            # key "path:" formatted by "name" (a build warned and dropped the value); "path::name:s" is right
+            missing.append(f"{role} (a format is needed after the name, e.g. :s or :.2f)")
         if not (ROOT / notebook).exists():
             missing.append(f"{role} ({notebook} does not exist)")
         elif not any(p.fullmatch(name) for p in glued_names(notebook)):

@@ -52,6 +52,10 @@ def glue(name: str, value: object, display: bool = False) -> None:
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"`name` must be an identifier-like string for the book's glue roles, got {name!r}.")
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        # a NumPy scalar or a 0-d tensor becomes the Python number it holds: the book's roles read the glued
+        # text, and "np.float64(0.99)" or "tensor(0.99)" is not a number they can format
+        value = value.item()
     if _myst_glue is not None:
         _myst_glue(name, value, display=display)
     elif display:
