@@ -86,7 +86,16 @@ def site(tmp_path_factory) -> Path:
     result = subprocess.run([str(jupyter_book), "build", str(ROOT), "--path-output", str(output)],
                             capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (output / "build.log").write_text(result.stdout + result.stderr)
     return output / "_build" / "html"
+
+
+def test_the_build_resolves_every_glued_value(site: Path) -> None:
+    # a glue role that cannot be resolved or formatted leaves its sentence without the number, and Sphinx only
+    # warns ("No key ... found in glue data", "Failed to format text/plain data"): the build log must have none
+    log = (site.parents[1] / "build.log").read_text()
+    warnings = sorted({re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.splitlines() if "[mystnb.glue]" in line})
+    assert not warnings, "\n".join(warnings[:20])
 
 
 class ExternalParser(HTMLParser):
