@@ -30,29 +30,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from utils.data import bos_ids, calibration_batches, token_ids  # noqa: E402
-from utils.depth import (kl_swap_search, reference_log_probs, removable_layers, removal_kl,  # noqa: E402
-                         select_window_by_distance)
+from utils.depth import (kl_swap_search, layers_removed, reference_log_probs, removable_layers,  # noqa: E402
+                         removal_kl, select_window_by_distance)
 from utils.evaluation import perplexity  # noqa: E402
-from utils.importance import angular_distance, iterative_loss_pruning  # noqa: E402
-from utils.depth import layers_removed  # noqa: E402
+from utils.importance import angular_distance, greedy_loss_search, iterative_loss_pruning  # noqa: E402
 from utils.models import library_versions, load_model  # noqa: E402
 from utils.speed import stopwatch  # noqa: E402
-
-
-def greedy_kl(model, batches, reference, n: int, allowed: list[int]) -> tuple[list[int], int]:
-    """Remove `n` blocks one at a time, each time the allowed block whose removal (with the ones chosen so
-    far) gives the lowest KL; returns the set and the number of sets scored."""
-    chosen: list[int] = []
-    scored = 0
-    for _ in tqdm(range(n), desc="greedy KL", leave=False):
-        trials = {block: removal_kl(model, batches, reference, sorted(chosen + [block]))
-                  for block in allowed if block not in chosen}
-        scored += len(trials)
-        chosen.append(min(trials, key=trials.get))
-    return sorted(chosen), scored
 
 
 def main() -> None:
@@ -71,6 +56,7 @@ def main() -> None:
     batches = calibration_batches(tokenizer, "wikipedia", n_samples=args.samples, seq_len=args.length, batch_size=4)
     reference = reference_log_probs(model, batches)
     allowed = removable_layers(n_layers, args.remove, 0, 1)  # the final block is kept, as in the chapter
+    greedy_sets = sum(len(allowed) - step for step in range(args.remove))  # sets a greedy removal of n blocks scores
 
     def ratio(blocks) -> float:
         with layers_removed(model, blocks):
@@ -91,14 +77,15 @@ def main() -> None:
     swap = kl_swap_search(model, batches, window, radius=None, max_evaluations=args.evaluations, reference=reference)
     record("swap from window", swap["blocks"], clock()["wall_s"], swap["evaluations"])
     clock = stopwatch()
-    greedy, scored = greedy_kl(model, batches, reference, args.remove, allowed)
-    record("greedy KL", greedy, clock()["wall_s"], scored)
+    greedy = greedy_loss_search(model, batches, allowed, args.remove, layers_removed, desc="greedy KL",
+                                score=lambda pruned, scored: removal_kl(pruned, scored, reference))
+    record("greedy KL", greedy, clock()["wall_s"], greedy_sets)
     clock = stopwatch()
     swap = kl_swap_search(model, batches, greedy, radius=None, max_evaluations=args.evaluations, reference=reference)
     record("swap from greedy", swap["blocks"], clock()["wall_s"], swap["evaluations"])
     clock = stopwatch()
     loss = iterative_loss_pruning(model, batches, args.remove, protect_last=1, progress=False)
-    record("iterative loss", loss, clock()["wall_s"], args.remove * len(allowed))
+    record("iterative loss", loss, clock()["wall_s"], greedy_sets)
 
     result = {"what": "removal sets for 6 of 30 blocks of the embedded model, unhealed: held-out Wikipedia "
                       "perplexity / base (4,096 tokens, window 512)",

@@ -236,3 +236,26 @@ def test_embedded_block_influence_beats_dropping_the_last_blocks(embedded):
     last = remove_layers(model, select_last(model, 4))
     assert calibration_loss(by_influence, batches) < calibration_loss(last, batches) - 1.0
     assert model.config.num_hidden_layers == 30 and count_hooks(model) == 0
+
+
+def test_greedy_search_minimizes_the_score_it_is_given():
+    # a custom score (CH04's benchmark passes a KL to the unchanged model) replaces the calibration loss:
+    # here the score prefers trials that hold the highest indices, so the search takes them from the top
+    from contextlib import contextmanager
+
+    from utils.importance import greedy_loss_search
+    from utils.models import tiny_model
+
+    model = tiny_model("tiny-llama")[0]
+    current: list[int] = []
+
+    @contextmanager
+    def trial(_, indices):
+        current[:] = indices
+        yield
+
+    chosen = greedy_loss_search(model, [], [0, 1, 2, 3], 2, trial, progress=False,
+                                score=lambda _model, _batches: -float(sum(current)))
+    assert chosen == [3, 2]
+    with pytest.raises(TypeError, match="score"):
+        greedy_loss_search(model, [], [0, 1], 1, trial, progress=False, score="kl")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_indices, check_int, check_module
+from .checks import check_callable, check_indices, check_int, check_module
 from .batches import Batch, evaluating, ids_and_masks
 from .depth import layers_removed, removable_layers
 from .evaluation import batch_nll
@@ -186,15 +186,18 @@ def iterative_loss_pruning(model: nn.Module, batches: Sequence[Batch], n: int, p
 
 def greedy_loss_search(model: nn.Module, batches: Sequence[Batch], candidates: Sequence[int], n: int,
                        trial: Callable[[nn.Module, list[int]], ContextManager], desc: str = "greedy search",
-                       progress: bool = True) -> list[int]:
+                       progress: bool = True,
+                       score: Callable[[nn.Module, Sequence[Batch]], float] | None = None) -> list[int]:
     """Choose `n` of `candidates` one at a time: the one whose trial gives the lowest calibration loss.
 
     `trial(model, indices)` is a context manager that changes the model temporarily for those indices
     (blocks removed, attention skipped) and restores it on exit. Each step tries every remaining candidate
-    together with those chosen so far, so later steps see the effect of earlier choices. A non-finite loss
-    counts as infinitely bad. Returns the indices in the order chosen.
+    together with those chosen so far, so later steps see the effect of earlier choices. `score(model,
+    batches)` is what is minimized (default `calibration_loss`; e.g. a KL to the unchanged model). A
+    non-finite score counts as infinitely bad. Returns the indices in the order chosen.
     """
     check_module("model", model)
+    score = calibration_loss if score is None else check_callable("score", score, "score(model, batches) -> float")
     candidates = check_indices("candidates", candidates, len(decoder_layers(model)))
     n = check_int("n", n, minimum=1)
     chosen: list[int] = []
@@ -206,7 +209,7 @@ def greedy_loss_search(model: nn.Module, batches: Sequence[Batch], candidates: S
                 if candidate in chosen:
                     continue
                 with trial(model, chosen + [candidate]):
-                    loss = calibration_loss(model, batches)
+                    loss = score(model, batches)
                 if not math.isfinite(loss):
                     loss = math.inf
                 if best is None or loss < best_loss:
