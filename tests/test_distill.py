@@ -138,6 +138,38 @@ def test_padding_is_masked(teacher):
         next_token_loss(_outputs(student, cut, hidden=False).logits, cut["input_ids"]).item(), rel=1e-4)
 
 
+def test_unmasked_batches_skip_the_gather_and_give_the_same_loss_and_gradients():
+    """Without padding the losses read the logits as they are (no gather of vocabulary-wide rows): the
+    values and gradients must be those of the gathered rows, exactly; with padding, the gather is used."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 7, 50, generator=generator)
+    teacher = torch.randn(3, 7, 50, generator=generator)
+    labels = torch.randint(0, 50, (3, 7), generator=generator)
+
+    def gathered(logits, mask):  # the reference: the selected rows by boolean indexing
+        kd_rows, ce_rows = logits[mask] / 2.0, logits[:, :-1][mask[:, 1:] & mask[:, :-1]]
+        kl = torch.nn.functional.kl_div(torch.log_softmax(kd_rows, -1), torch.log_softmax(teacher[mask] / 2.0, -1),
+                                        log_target=True, reduction="none").sum(-1).mean() * 4.0
+        ce = torch.nn.functional.cross_entropy(ce_rows, labels[:, 1:][mask[:, 1:] & mask[:, :-1]])
+        return kl, ce
+
+    for mask in (torch.ones(3, 7, dtype=torch.long), torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0] * 7])):
+        ours, reference = student.clone().requires_grad_(), student.clone().requires_grad_()
+        kl, ce = kd_loss(ours, teacher, mask, temperature=2.0), next_token_loss(ours, labels, mask)
+        kl_ref, ce_ref = gathered(reference, mask.bool())
+        (kl + ce).backward()
+        (kl_ref + ce_ref).backward()
+        if bool(mask.all()):
+            assert torch.equal(kl, kl_ref) and torch.equal(ce, ce_ref) and torch.equal(ours.grad, reference.grad)
+        else:
+            assert torch.allclose(kl, kl_ref) and torch.allclose(ce, ce_ref)
+            assert torch.allclose(ours.grad, reference.grad)
+            assert ours.grad[2].abs().sum() == 0  # the padding-only row gets no gradient
+    # nothing scored at all: a zero that still belongs to the graph
+    empty = torch.zeros(3, 7, dtype=torch.long)
+    assert kd_loss(student, teacher, empty).item() == 0.0 and next_token_loss(student, labels, empty).item() == 0.0
+
+
 def test_vocabulary_mismatch_is_a_clear_error(teacher):
     other = tiny_model("tiny-llama", vocab_size=400)[0]
     batch = _random_batch()

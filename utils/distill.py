@@ -57,6 +57,13 @@ def _mask_or_ones(attention_mask: torch.Tensor | None, shape: torch.Size, device
     return attention_mask.to(device).bool()
 
 
+def _selected_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The entries of `values` (batch, seq, ...) where the boolean `mask` (batch, seq) is True, flattened to
+    (n, ...) in row-major order: `values[mask]`, but without the gather (and its backward scatter) when every
+    entry is selected, where it is the same values in the same order."""
+    return values.flatten(0, 1) if bool(mask.all()) else values[mask]
+
+
 def check_same_vocabulary(student_size: int, teacher_size: int, what: str = "vocabulary size") -> None:
     """Raise a ValueError naming both sizes when student and teacher do not share one vocabulary.
 
@@ -94,10 +101,12 @@ def next_token_loss(student_logits: torch.Tensor, labels: torch.Tensor,
     labels = labels.to(student_logits.device)
     mask = _mask_or_ones(attention_mask, labels.shape, student_logits.device)
     scored = mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != -100)
-    logits = student_logits[:, :-1][scored].float()
-    if logits.shape[0] == 0:
+    if not scored.any():
         return student_logits.sum() * 0.0
-    return F.cross_entropy(logits, labels[:, 1:][scored])
+    # the scored positions' logits; when every position is scored the rows are taken as they are, without a
+    # gather (the same values in the same order, so the same loss, with less copying of vocabulary-wide rows)
+    logits = _selected_rows(student_logits[:, :-1], scored).float()
+    return F.cross_entropy(logits, _selected_rows(labels[:, 1:], scored))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -113,10 +122,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     mask = _mask_or_ones(attention_mask, student_logits.shape[:2], student_logits.device)
-    student = student_logits[mask].float() / temperature
-    teacher = teacher_logits.to(student_logits.device)[mask].detach().float() / temperature
-    if student.shape[0] == 0:
+    if not mask.any():
         return student_logits.sum() * 0.0
+    student = _selected_rows(student_logits, mask).float() / temperature
+    teacher = _selected_rows(teacher_logits.to(student_logits.device), mask).detach().float() / temperature
     kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
                   reduction="none").sum(-1)
     return kl.mean() * temperature ** 2
