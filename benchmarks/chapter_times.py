@@ -7,7 +7,9 @@ chapter picks the embedded model and, on a CUDA machine, its GPU budgets), and i
 to `chapter_times-<cpu|gpu>.json` (the file the chapters' "Before you start" cells read) in $OUT when set,
 else in benchmarks/results/. A notebook that fails is recorded with its error and makes the script exit 1.
 The numbers each chapter glued (`utils.book.glue` prints them as `name = value`) are kept in the record too,
-so a run on another machine can be compared with the book's.
+so a run on another machine can be compared with the book's. A run with a budget or model changed through
+the environment (REARCH_DISTILL_STEPS=60, say) is recorded with those "overrides": the chapters' time estimates
+skip it, and a chapter can quote its glued result (utils.book.recorded_glued).
 
     python benchmarks/chapter_times.py CH02/CH02_first_surgery.ipynb --book-build /path/to/clone --commit abc1234
 
@@ -103,6 +105,17 @@ def record_book_build(folder: Path, notebooks: list[str], commit: str, descripti
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
+# The environment variables through which a chapter's budget or model can be changed: a run made with any of
+# them set is recorded with its "overrides", and the chapters' time estimates (utils.book.recorded_runs) skip it
+OVERRIDES = ("REARCH_BUDGET", "REARCH_MODEL", "REARCH_QUICK", "REARCH_DEVICE", "REARCH_DTYPE", "REARCH_DISTILL_STEPS",
+             "REARCH_HEAL_STEPS", "REARCH_LORA_STEPS", "REARCH_REFIT_SAMPLES", "REARCH_TAYLOR_SAMPLES")
+
+
+def overrides() -> dict[str, str]:
+    """The budget and model environment variables set for this run (empty for the chapters' own budgets)."""
+    return {name: os.environ[name] for name in OVERRIDES if os.environ.get(name)}
+
+
 def main() -> None:
     import nbformat
     from nbclient import NotebookClient
@@ -147,6 +160,8 @@ def main() -> None:
         run = {"chapter": str(notebook_path.relative_to(ROOT)), "commit": args.commit,
                "date": time.strftime("%Y-%m-%d"), "seconds": seconds, "machine": description,
                "glued": glued_values(notebook), "cells": cell_seconds(notebook)}
+        if overrides():
+            run["overrides"] = overrides()
         if error:
             run["error"] = error
         record["runs"].append(run)

@@ -80,6 +80,34 @@ def test_recorded_runs_keep_the_latest_valid_run_of_each_chapter(tmp_path):
         recorded_runs("tpu", tmp_path)
 
 
+def test_runs_with_a_changed_budget_are_found_by_their_glued_values_not_taken_as_the_chapters_time(tmp_path):
+    import json
+
+    from utils.book import recorded_glued, recorded_runs
+
+    assert recorded_glued("CH02/x.ipynb", "cpu", None, {"distill_steps": "60"}) is None
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "chapter_times-cpu.json").write_text(json.dumps({"machine": "x86_64, 2 CPU cores", "runs": [
+        {"chapter": "CH02/x.ipynb", "date": "2026-12-06", "seconds": 950, "glued": {"distill_steps": "60", "recovery_wiki": "75.1"}},
+        {"chapter": "CH02/x.ipynb", "date": "2026-12-07", "seconds": 980, "glued": {"distill_steps": "60", "recovery_wiki": "75.3"},
+         "overrides": {"REARCH_DISTILL_STEPS": "60"}},
+        {"chapter": "CH02/x.ipynb", "date": "2026-12-07", "seconds": 20, "error": "failed", "glued": {"distill_steps": "60"}},
+        {"chapter": "CH02/x.ipynb", "date": "2026-12-07", "seconds": 580, "glued": {"distill_steps": "36", "recovery_wiki": "70"}},
+        {"chapter": "CH03/y.ipynb", "date": "2026-12-08", "seconds": 40, "glued": {"distill_steps": "60"}}]}))
+    # the chapter's time is its own budget's run; the run with overrides is not it
+    assert recorded_runs("cpu", tmp_path)["CH02/x.ipynb"]["seconds"] == 580
+    # ... but its glued numbers are found by value: the latest valid run of that chapter that glued them
+    found = recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {"distill_steps": "60"})
+    assert found["glued"]["recovery_wiki"] == "75.3" and found["machine"] == "x86_64, 2 CPU cores"
+    assert recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {"distill_steps": 36})["seconds"] == 580
+    assert recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {"distill_steps": "80"}) is None
+    with pytest.raises(ValueError, match="where"):
+        recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {})
+    with pytest.raises(ValueError, match="kind"):
+        recorded_glued("CH02/x.ipynb", "tpu", tmp_path, {"distill_steps": "60"})
+
+
 def test_glue_gives_the_book_plain_numbers_for_numpy_and_torch_scalars(monkeypatch, capsys):
     # the book's {glue:text} roles format the glued text: "np.float64(0.99)" cannot be formatted (a site build
     # warned and left the sentence without its number), the Python float 0.99 can

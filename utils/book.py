@@ -7,7 +7,8 @@ it. Where myst-nb is not installed (Colab needs no Sphinx), `glue` only prints.
 
 The chapters' run times come from the same place for every page that quotes them: `recorded_runs` reads
 the recorded runs of benchmarks/results/chapter_times-<kind>.json (the latest valid run per chapter), and
-`recorded_time` turns one into a phrase for a chapter's opening.
+`recorded_time` turns one into a phrase for a chapter's opening. `recorded_glued` finds a recorded run
+by the values it glued (a larger budget than the book's, run once and recorded).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def recorded_runs(kind: str, root: str | os.PathLike | None) -> dict[str, dict]:
     `benchmarks/chapter_times.py` and by the book builds). A run with an error or without seconds is
     skipped; of the rest, the latest date wins, and of two runs on the same date the one recorded later.
     `chapter` is the notebook's path from the root; each run is the file's record ("chapter", "date",
-    "seconds", ...) with "machine" filled in from the file when the run does not name its own. Empty when
+    "seconds", ...) with "machine" filled in from the file when the run does not name its own. Runs made
+    with a budget changed through the environment (their "overrides", see `benchmarks/chapter_times.py`)
+    are not the chapter's own budget and are skipped too (`recorded_glued` finds them). Empty when
     there is no record, also when `root` is None (a notebook opened alone from its Colab badge).
     """
     import json
@@ -113,12 +116,43 @@ def recorded_runs(kind: str, root: str | os.PathLike | None) -> dict[str, dict]:
     record = json.loads(path.read_text())
     latest: dict[str, dict] = {}
     for run in record.get("runs", []):  # in the order they were recorded
-        if not run.get("seconds") or run.get("error"):
+        if not run.get("seconds") or run.get("error") or run.get("overrides"):
             continue
         chapter = run["chapter"]
         if chapter not in latest or run.get("date", "") >= latest[chapter].get("date", ""):
             latest[chapter] = {**run, "machine": run.get("machine") or record.get("machine", "")}
     return latest
+
+
+def recorded_glued(chapter: str, kind: str, root: str | os.PathLike | None,
+                   where: dict[str, str]) -> dict | None:
+    """The latest recorded run of `chapter` on `kind` whose glued values include every item of `where`.
+
+    For a chapter that shows, beside its own result, the result of a larger budget that takes too long for
+    the book (a run made with an environment variable such as REARCH_DISTILL_STEPS=60 and recorded by
+    `benchmarks/chapter_times.py` with the values the chapter glued). `where` names glued values as the run
+    printed them, for example {"distill_steps": "60"}. Returns the run's record ("date", "seconds",
+    "commit", "machine", "glued" ...) or None when no valid run matches (also when `root` is None).
+    """
+    import json
+    from pathlib import Path
+
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
+    if not isinstance(where, dict) or not where:
+        raise ValueError(f"where must be a non-empty dict of glued names and values, got {where!r}.")
+    path = None if root is None else Path(root) / "benchmarks" / "results" / f"chapter_times-{kind}.json"
+    if path is None or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    found = None
+    for run in record.get("runs", []):  # in the order they were recorded
+        glued = run.get("glued") or {}
+        if (run.get("chapter") == chapter and run.get("seconds") and not run.get("error")
+                and all(glued.get(name) == str(value) for name, value in where.items())
+                and (found is None or run.get("date", "") >= found.get("date", ""))):
+            found = {**run, "machine": run.get("machine") or record.get("machine", "")}
+    return found
 
 
 def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> str:
