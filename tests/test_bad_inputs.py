@@ -167,6 +167,7 @@ ROWS = [
     Row("importance.layer_importance", lambda c: __import__("utils.importance").importance.layer_importance(meta_model(), c.batches), ValueError, "model"),
     Row("importance.block_influence", lambda c: __import__("utils.importance").importance.block_influence(c.model, []), ValueError, "batches"),
     Row("importance.angular_distance", lambda c: __import__("utils.importance").importance.angular_distance(c.model, c.batches, 0), ValueError, "n"),
+    Row("importance.angular_distances", lambda c: __import__("utils.importance").importance.angular_distances(c.model, c.batches, [0]), ValueError, "sizes"),
     Row("importance.weight_magnitude_importance", lambda c: __import__("utils.importance").importance.weight_magnitude_importance(meta_model()), ValueError, "model"),
     Row("importance.position_importance", lambda c: __import__("utils.importance").importance.position_importance(True), ValueError, "number of layers"),
     Row("importance.calibration_loss", lambda c: __import__("utils.importance").importance.calibration_loss(c.model, "batches"), ValueError, "batches"),

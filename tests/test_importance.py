@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from utils import importance
 from utils.data import calibration_batches
 from utils.hooks import capture_activations, count_hooks
-from utils.importance import (angular_distance, block_influence, calibration_loss, iterative_loss_pruning,
+from utils.importance import (angular_distance, angular_distances, block_influence, calibration_loss, iterative_loss_pruning,
                               layer_importance, position_importance, weight_magnitude_importance)
 from utils.models import decoder_layers, tiny_model
 from utils.depth import remove_layers, select_by_importance, select_last
@@ -91,6 +91,23 @@ def test_window_one_angular_distance_is_arccos_of_block_influence():
     assert angular_distance(model, batches, 4, progress=False).shape == (3,)
     whole = angular_distance(model, batches, 6, progress=False)
     assert whole.shape == (1,) and 0 <= whole.item() <= 1
+
+
+def test_several_window_sizes_from_one_pass_equal_one_pass_per_size(tiny):
+    _, model, _ = tiny
+    n_layers = len(decoder_layers(model))
+    batches = [_padded(_rows(9, 4)), _padded(_rows(6, 6, 2), extra=1)]
+    sizes = sorted({1, 2, n_layers - 1, n_layers})
+    together = angular_distances(model, batches, sizes, progress=False)
+    assert sorted(together) == sizes
+    for n in sizes:
+        assert torch.equal(together[n], angular_distance(model, batches, n, progress=False)), n
+    # and the block influence of the shared pass is unchanged
+    assert torch.equal(layer_importance(model, batches, window_blocks=2, progress=False)["block_influence"],
+                       block_influence(model, batches, progress=False))
+    for bad in ([], [0], [n_layers + 1], [2, 2], 3, [True]):
+        with pytest.raises(ValueError, match="sizes"):
+            angular_distances(model, batches, bad, progress=False)
 
 
 def test_scores_run_in_eval_mode_and_restore_the_training_flags():

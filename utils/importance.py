@@ -9,7 +9,8 @@ Padding (attention_mask 0) is never scored.
   output). A block that barely turns the residual stream scores low.
 - Angular distance (Gromov et al. 2024): for a window of n blocks starting at l, mean over real tokens
   of arccos(cos(input of block l, output of block l+n-1)) / pi. The window with the lowest distance is
-  the one to remove (see `utils.depth.select_window`).
+  the one to remove (see `utils.depth.select_window`). `angular_distances` gives several window sizes
+  from the same single pass.
 - Baselines: weight magnitude, and position (later blocks less important).
 - Iterative loss pruning (SLEB-like, Song et al. 2024): remove, one at a time, the block whose removal
   raises the calibration loss least, re-scoring after each removal.
@@ -58,10 +59,41 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window_blocks: 
                                       or not 1 <= window_blocks <= n_layers):
         raise ValueError(f"`window_blocks` must be an integer in 1..{n_layers} (the number of blocks), "
                          f"got {window_blocks!r}.")
+    influence, distances = _influence_and_windows(model, batches, [] if window_blocks is None else [window_blocks],
+                                                  progress)
+    result = {"block_influence": influence}
+    if window_blocks is not None:
+        result["angular_distance"] = distances[window_blocks]
+    return result
+
+
+def angular_distances(model: nn.Module, batches: Sequence[Batch], sizes: Sequence[int],
+                      progress: bool = True) -> dict[int, torch.Tensor]:
+    """`angular_distance` for several window sizes from one forward pass: {n: Tensor[n_layers - n + 1]}.
+
+    The same values as one `angular_distance(model, batches, n)` call per size, for the cost of one pass
+    (the inputs of the last max(sizes) blocks of the current batch are held at a time). For choosing
+    windows of several lengths on the same text, as a parameter-budget curve does.
+    """
+    check_module("model", model)
+    n_layers = len(decoder_layers(model))
+    if (isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes
+            or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_layers for n in sizes)
+            or len(set(sizes)) != len(sizes)):
+        raise ValueError(f"sizes must be a non-empty list of distinct integers in 1..{n_layers} (the number of "
+                         f"blocks), got {sizes!r}.")
+    return _influence_and_windows(model, batches, list(sizes), progress)[1]
+
+
+def _influence_and_windows(model: nn.Module, batches: Sequence[Batch], sizes: list[int],
+                           progress: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One pass: the block influence of every block and the angular distance of every window of each size."""
+    n_layers = len(decoder_layers(model))
     device = model_device(model)
     prepared = ids_and_masks(batches, device)
     influence = torch.zeros(n_layers, dtype=torch.float64, device=device)
-    distance = torch.zeros(n_layers - window_blocks + 1, dtype=torch.float64, device=device) if window_blocks else None
+    distance = {n: torch.zeros(n_layers - n + 1, dtype=torch.float64, device=device) for n in sizes}
+    longest = max(sizes, default=1)
     inputs: dict[int, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
 
@@ -72,16 +104,13 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window_blocks: 
         real = current["real"].to(hidden.device)  # blocks may sit on different devices (device_map)
         cosine = _masked_cosine(inputs[layer].to(hidden.device), hidden, real)
         influence[layer] += (1 - cosine).sum(dtype=torch.float64).to(device)
-        if window_blocks is not None:
-            start = layer - window_blocks + 1
+        for n in sizes:
+            start = layer - n + 1
             if start >= 0:
-                if window_blocks > 1:
-                    cosine = _masked_cosine(inputs[start].to(hidden.device), hidden, real)
-                angle = torch.arccos(cosine.clamp(-1.0, 1.0)).sum(dtype=torch.float64) / math.pi
-                distance[start] += angle.to(device)
-                inputs.pop(start)
-        if window_blocks is None or layer > n_layers - window_blocks:
-            inputs.pop(layer, None)  # no window starts here: only the block influence needed it
+                window = cosine if n == 1 else _masked_cosine(inputs[start].to(hidden.device), hidden, real)
+                angle = torch.arccos(window.clamp(-1.0, 1.0)).sum(dtype=torch.float64) / math.pi
+                distance[n][start] += angle.to(device)
+        inputs.pop(layer - longest + 1, None)  # no window of any size needs that block's input any more
 
     tokens = 0
     with evaluating(model), capture_activations(model, points=("block_in", "block_out"), callback=on_capture):
@@ -92,10 +121,7 @@ def layer_importance(model: nn.Module, batches: Sequence[Batch], window_blocks: 
             finally:
                 inputs.clear()
             tokens += int(mask.sum())
-    result = {"block_influence": (influence / tokens).float().cpu()}
-    if distance is not None:
-        result["angular_distance"] = (distance / tokens).float().cpu()
-    return result
+    return (influence / tokens).float().cpu(), {n: (d / tokens).float().cpu() for n, d in distance.items()}
 
 
 def block_influence(model: nn.Module, batches: Sequence[Batch], progress: bool = True) -> torch.Tensor:
