@@ -160,8 +160,9 @@ def main() -> None:
         run = {"chapter": str(notebook_path.relative_to(ROOT)), "commit": args.commit,
                "date": time.strftime("%Y-%m-%d"), "seconds": seconds, "machine": description,
                "glued": glued_values(notebook), "cells": cell_seconds(notebook)}
-        if overrides():
-            run["overrides"] = overrides()
+        changed = overrides()
+        if changed:
+            run["overrides"] = changed
         if error:
             run["error"] = error
         record["runs"].append(run)

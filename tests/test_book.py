@@ -102,6 +102,8 @@ def test_runs_with_a_changed_budget_are_found_by_their_glued_values_not_taken_as
     assert found["glued"]["recovery_wiki"] == "75.3" and found["machine"] == "x86_64, 2 CPU cores"
     assert recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {"distill_steps": 36})["seconds"] == 580
     assert recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {"distill_steps": "80"}) is None
+    from utils.book import describe_run
+    assert describe_run(found, "cpu") == "about 16 minutes (x86_64, 2 CPU cores, 2026-12-07)"
     with pytest.raises(ValueError, match="where"):
         recorded_glued("CH02/x.ipynb", "cpu", tmp_path, {})
     with pytest.raises(ValueError, match="kind"):

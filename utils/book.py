@@ -7,8 +7,8 @@ it. Where myst-nb is not installed (Colab needs no Sphinx), `glue` only prints.
 
 The chapters' run times come from the same place for every page that quotes them: `recorded_runs` reads
 the recorded runs of benchmarks/results/chapter_times-<kind>.json (the latest valid run per chapter), and
-`recorded_time` turns one into a phrase for a chapter's opening. `recorded_glued` finds a recorded run
-by the values it glued (a larger budget than the book's, run once and recorded).
+`recorded_time` turns one into a phrase for a chapter's opening (`describe_run`). `recorded_glued` finds
+a recorded run by the values it glued (a larger budget than the book's, run once and recorded).
 """
 
 from __future__ import annotations
@@ -91,6 +91,27 @@ def budget_tier() -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
+def _valid_runs(kind: str, root: str | os.PathLike | None) -> list[dict]:
+    """The runs of `benchmarks/results/chapter_times-<kind>.json` under `root` that have seconds and no error,
+    in the order they were recorded, each with "machine" filled in from the file when it names none."""
+    import json
+    from pathlib import Path
+
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
+    path = None if root is None else Path(root) / "benchmarks" / "results" / f"chapter_times-{kind}.json"
+    if path is None or not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    return [{**run, "machine": run.get("machine") or record.get("machine", "")}
+            for run in record.get("runs", []) if run.get("seconds") and not run.get("error")]
+
+
+def _newer(run: dict, than: dict | None) -> bool:
+    """Whether `run` replaces `than` as the latest: a later date, or the same date recorded later."""
+    return than is None or run.get("date", "") >= than.get("date", "")
+
+
 def recorded_runs(kind: str, root: str | os.PathLike | None) -> dict[str, dict]:
     """The latest valid recorded run of every chapter on `kind` ("cpu" or "gpu"): {chapter: run}.
 
@@ -103,24 +124,10 @@ def recorded_runs(kind: str, root: str | os.PathLike | None) -> dict[str, dict]:
     are not the chapter's own budget and are skipped too (`recorded_glued` finds them). Empty when
     there is no record, also when `root` is None (a notebook opened alone from its Colab badge).
     """
-    import json
-    from pathlib import Path
-
-    if kind not in ("cpu", "gpu"):
-        raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
-    if root is None:
-        return {}
-    path = Path(root) / "benchmarks" / "results" / f"chapter_times-{kind}.json"
-    if not path.is_file():
-        return {}
-    record = json.loads(path.read_text())
     latest: dict[str, dict] = {}
-    for run in record.get("runs", []):  # in the order they were recorded
-        if not run.get("seconds") or run.get("error") or run.get("overrides"):
-            continue
-        chapter = run["chapter"]
-        if chapter not in latest or run.get("date", "") >= latest[chapter].get("date", ""):
-            latest[chapter] = {**run, "machine": run.get("machine") or record.get("machine", "")}
+    for run in _valid_runs(kind, root):
+        if not run.get("overrides") and _newer(run, latest.get(run["chapter"])):
+            latest[run["chapter"]] = run
     return latest
 
 
@@ -134,40 +141,37 @@ def recorded_glued(chapter: str, kind: str, root: str | os.PathLike | None,
     printed them, for example {"distill_steps": "60"}. Returns the run's record ("date", "seconds",
     "commit", "machine", "glued" ...) or None when no valid run matches (also when `root` is None).
     """
-    import json
-    from pathlib import Path
-
-    if kind not in ("cpu", "gpu"):
-        raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
     if not isinstance(where, dict) or not where:
         raise ValueError(f"where must be a non-empty dict of glued names and values, got {where!r}.")
-    path = None if root is None else Path(root) / "benchmarks" / "results" / f"chapter_times-{kind}.json"
-    if path is None or not path.is_file():
-        return None
-    record = json.loads(path.read_text())
     found = None
-    for run in record.get("runs", []):  # in the order they were recorded
+    for run in _valid_runs(kind, root):
         glued = run.get("glued") or {}
-        if (run.get("chapter") == chapter and run.get("seconds") and not run.get("error")
-                and all(glued.get(name) == str(value) for name, value in where.items())
-                and (found is None or run.get("date", "") >= found.get("date", ""))):
-            found = {**run, "machine": run.get("machine") or record.get("machine", "")}
+        if (run.get("chapter") == chapter and all(glued.get(name) == str(value) for name, value in where.items())
+                and _newer(run, found)):
+            found = run
     return found
+
+
+def describe_run(run: dict, kind: str) -> str:
+    """A recorded run (from `recorded_runs` or `recorded_glued`) as a phrase for the prose: its minutes, the
+    machine and the date, for example "about 9 minutes (NVIDIA H200, 2026-11-30)"."""
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"kind must be 'cpu' or 'gpu', got {kind!r}.")
+    where = run["machine"].split(",")[0] if kind == "gpu" else run["machine"].split(", Python")[0]
+    minutes = max(1, round(float(run["seconds"]) / 60))
+    return f"about {minutes} minute{'' if minutes == 1 else 's'} ({where}, {run.get('date', 'undated')})"
 
 
 def recorded_time(chapter: str, kind: str, root: str | os.PathLike | None) -> str:
     """The latest recorded run time of a chapter on `kind` ("cpu" or "gpu") as a phrase for the prose.
 
-    The run is the one `recorded_runs` keeps for `chapter` (the notebook's path from the repository `root`).
-    Returns, for example, "about 9 minutes (NVIDIA H200, 2026-11-30)", or "not yet recorded" when there is
-    no valid run (also when `root` is None, as in a notebook opened alone from its Colab badge).
+    The run is the one `recorded_runs` keeps for `chapter` (the notebook's path from the repository `root`),
+    described by `describe_run`, for example "about 9 minutes (NVIDIA H200, 2026-11-30)"; "not yet
+    recorded" when there is no valid run (also when `root` is None, as in a notebook opened alone from its
+    Colab badge).
     """
     run = recorded_runs(kind, root).get(chapter)
-    if run is None:
-        return "not yet recorded"
-    where = run["machine"].split(",")[0] if kind == "gpu" else run["machine"].split(", Python")[0]
-    minutes = max(1, round(run["seconds"] / 60))
-    return f"about {minutes} minute{'' if minutes == 1 else 's'} ({where}, {run.get('date', 'undated')})"
+    return "not yet recorded" if run is None else describe_run(run, kind)
 
 
 # ---------------------------------------------------------------------------------------------------
