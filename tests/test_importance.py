@@ -10,7 +10,7 @@ from utils.hooks import capture_activations, count_hooks
 from utils.importance import (angular_distance, angular_distances, block_influence, calibration_loss, iterative_loss_pruning,
                               layer_importance, position_importance, weight_magnitude_importance)
 from utils.models import decoder_layers, tiny_model
-from utils.depth import remove_layers, select_by_importance, select_last
+from utils.depth import layers_removed, remove_layers, select_by_importance, select_last
 
 PAD = 258
 
@@ -206,7 +206,8 @@ def test_iterative_pruning_restores_the_model_when_a_trial_raises(monkeypatch):
 
     monkeypatch.setattr(importance, "calibration_loss", failing)
     with pytest.raises(RuntimeError, match="trial failed"):
-        iterative_loss_pruning(model, _batches(), 3, progress=False)
+        importance.greedy_loss_search(model, _batches(), list(range(6)), 3, layers_removed, progress=False,
+                                      reuse_prefix=False)
     assert calls["n"] == 8
     assert model.config.num_hidden_layers == 6 and model.config.layer_types == types
     assert [block.layer_idx for block in decoder_layers(model)] == list(range(6))
@@ -276,3 +277,77 @@ def test_greedy_search_minimizes_the_score_it_is_given():
     assert chosen == [3, 2]
     with pytest.raises(TypeError, match="score"):
         greedy_loss_search(model, [], [0, 1], 1, trial, progress=False, score="kl")
+
+
+def _scores_of_every_trial(model, batches, trial, n, reuse_prefix):
+    """The score of every trial greedy_loss_search runs, in order, and what it chooses."""
+    seen = []
+
+    def score(model_, batches_):
+        seen.append(calibration_loss(model_, batches_))
+        return seen[-1]
+
+    chosen = importance.greedy_loss_search(model, batches, list(range(len(decoder_layers(model)))), n, trial,
+                                           progress=False, score=score, reuse_prefix=reuse_prefix)
+    return chosen, seen
+
+
+@pytest.mark.parametrize("trial_name", ["layers_removed", "attention_skipped"])
+def test_greedy_search_reusing_the_prefix_gives_the_same_scores(tiny, trial_name):
+    # a trial's pass starts at the candidate's block, fed the input recorded once per step: every score must
+    # equal the one of the full pass (the recording passes come first in each step and are left out)
+    from utils.bypass import attention_skipped
+
+    name, model, _ = tiny
+    trial = {"layers_removed": layers_removed, "attention_skipped": attention_skipped}[trial_name]
+    batches = _batches()
+    logits = model(batches[0]["input_ids"]).logits
+    full_chosen, full = _scores_of_every_trial(model, batches, trial, 2, reuse_prefix=False)
+    reused_chosen, reused = _scores_of_every_trial(model, batches, trial, 2, reuse_prefix=True)
+    n_layers = len(decoder_layers(model))
+    trials_per_step = [n_layers, n_layers - 1]
+    recorded_steps = [reused[0:trials_per_step[0] + 1], reused[trials_per_step[0] + 1:]]
+    assert [len(step) for step in recorded_steps] == [t + 1 for t in trials_per_step]
+    replayed = recorded_steps[0][1:] + recorded_steps[1][1:]
+    assert reused_chosen == full_chosen
+    torch.testing.assert_close(torch.tensor(replayed, dtype=torch.float64), torch.tensor(full, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+    # the recording pass of step 2 is the model with the first choice applied
+    with trial(model, full_chosen[:1]):
+        assert recorded_steps[1][0] == pytest.approx(calibration_loss(model, batches), rel=1e-6)
+    assert count_hooks(model) == 0 and len(decoder_layers(model)) == n_layers
+    assert torch.equal(model(batches[0]["input_ids"]).logits, logits)
+
+
+def test_greedy_search_reusing_the_prefix_restores_the_model_when_a_score_raises():
+    model, _ = tiny_model("tiny-gemma3")
+    types, calls = list(model.config.layer_types), {"n": 0}
+
+    def failing(model_, batches_):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside a replayed pass: the trial's removal and the prefix removal are both active
+            assert model_.config.num_hidden_layers < 5
+            raise RuntimeError("score failed")
+        return calibration_loss(model_, batches_)
+
+    with pytest.raises(RuntimeError, match="score failed"):
+        importance.greedy_loss_search(model, _batches(), list(range(6)), 2, layers_removed, progress=False,
+                                      score=failing)
+    assert model.config.num_hidden_layers == 6 and model.config.layer_types == types
+    assert [block.layer_idx for block in decoder_layers(model)] == list(range(6))
+    assert count_hooks(model) == 0
+
+
+def test_greedy_search_reusing_the_prefix_refuses_a_score_that_changes_its_work():
+    model, _ = tiny_model("tiny-llama")
+    batches, calls = _batches(), {"n": 0}
+
+    def fewer_each_time(model_, batches_):
+        calls["n"] += 1
+        return calibration_loss(model_, batches_[:1] if calls["n"] > 1 else batches_)
+
+    with pytest.raises(RuntimeError, match="reuse_prefix=False"):
+        importance.greedy_loss_search(model, batches, [1, 2], 1, layers_removed, progress=False, score=fewer_each_time)
+    with pytest.raises(TypeError, match="reuse_prefix"):
+        importance.greedy_loss_search(model, batches, [1, 2], 1, layers_removed, progress=False, reuse_prefix="yes")
+    assert count_hooks(model) == 0

@@ -133,6 +133,47 @@ def capture_activations(model: nn.Module, layers: list[int] | None = None,
             handle.remove()
 
 
+@contextmanager
+def block_input_replaced(model: nn.Module, layer: int, inputs: list[torch.Tensor]) -> Iterator[list[int]]:
+    """Feed decoder block `layer` recorded residual-stream tensors instead of what reaches it.
+
+    At the k-th forward pass inside the `with` block, the hidden states entering block `layer` are replaced
+    by `inputs[k]` (same shape, dtype and device). With the blocks before `layer` removed
+    (`utils.depth.layers_removed`), this runs a model from block `layer` on states recorded earlier with
+    `capture_activations(..., points=("block_in",))`: how `utils.importance.greedy_loss_search` skips the
+    blocks a trial leaves unchanged. Yields a one-item list holding how many inputs were used so far, so the
+    caller can check that every recorded pass was replayed. A forward pass with no input left, or one whose
+    hidden states differ in shape, dtype or device from the recorded ones, raises a RuntimeError. The hook is
+    removed on exit, also when a forward pass raises.
+    """
+    blocks = decoder_layers(model)
+    layer = check_layer_indices(model, [layer], name="layer")[0]
+    if not isinstance(inputs, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(f"inputs must be a list of tensors (one per forward pass), got {type(inputs).__name__}.")
+    used = [0]
+
+    def replace(module, args, kwargs):
+        arriving = _hidden_states_argument(args, kwargs)
+        if used[0] >= len(inputs):
+            raise RuntimeError(f"Block {layer} was run {used[0] + 1} times but only {len(inputs)} recorded inputs "
+                               "were given: the replayed work must run the model as often as the recorded work.")
+        recorded = inputs[used[0]]
+        if (recorded.shape, recorded.dtype, recorded.device) != (arriving.shape, arriving.dtype, arriving.device):
+            raise RuntimeError(f"Recorded input {used[0]} of block {layer} is {tuple(recorded.shape)} {recorded.dtype} "
+                               f"on {recorded.device}, but the forward pass brings {tuple(arriving.shape)} "
+                               f"{arriving.dtype} on {arriving.device}: replay the same batches in the same order.")
+        used[0] += 1
+        if args:
+            return (recorded, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": recorded}
+
+    handle = blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        yield used
+    finally:
+        handle.remove()
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of forward and forward-pre hooks still registered anywhere in `model` (0 after a capture)."""
     check_module("model", model)
