@@ -147,6 +147,47 @@ def test_cached_perplexity_computes_once_verifies_and_keys_by_model_and_text(tmp
         cached_perplexity(model, ids[None], cache_dir=tmp_path)
 
 
+def test_cached_lm_eval_computes_once_and_keys_by_model_tasks_and_settings(tmp_path, monkeypatch):
+    """The first call runs lm-eval and stores the table; the same model and settings read it back (the table
+    equals run_lm_eval's); changed weights, another limit or changed task files run again; a damaged file
+    is recomputed."""
+    import copy
+
+    import pandas as pd
+
+    import utils.evaluation as evaluation
+    from utils.evaluation import cached_lm_eval
+
+    folder = write_lm_eval_tasks(tmp_path / "tasks", analogy_items=8, sms_per_class=3)
+    model, tokenizer = tiny_model("tiny-llama")
+    direct = run_lm_eval(model, tokenizer, task_folder=folder, batch_size=8)
+    first = cached_lm_eval(model, tokenizer, task_folder=folder, batch_size=8, cache_dir=tmp_path / "cache")
+    pd.testing.assert_frame_equal(first, direct)
+    calls = []
+    real = evaluation.run_lm_eval
+    monkeypatch.setattr(evaluation, "run_lm_eval", lambda *a, **k: calls.append(k.get("limit")) or real(*a, **k))
+    again = cached_lm_eval(model, tokenizer, task_folder=folder, batch_size=8, cache_dir=tmp_path / "cache")
+    pd.testing.assert_frame_equal(again, direct)
+    assert calls == []
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    cached_lm_eval(changed, tokenizer, task_folder=folder, batch_size=8, cache_dir=tmp_path / "cache")
+    cached_lm_eval(model, tokenizer, task_folder=folder, limit=2, batch_size=8, cache_dir=tmp_path / "cache")
+    assert calls == [None, 2]
+    (folder / "rearch_analogy.jsonl").write_text((folder / "rearch_analogy.jsonl").read_text().replace("a", "b", 1))
+    cached_lm_eval(model, tokenizer, task_folder=folder, batch_size=8, cache_dir=tmp_path / "cache")
+    assert len(calls) == 3
+    stored = sorted((tmp_path / "cache" / "lm_eval").glob("*.json"))
+    assert len(stored) == 4
+    for path in stored:
+        path.write_text("{not json")
+    cached_lm_eval(changed, tokenizer, task_folder=folder, batch_size=8, cache_dir=tmp_path / "cache")
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="Unknown tasks"):
+        cached_lm_eval(model, tokenizer, tasks=("hellaswag",), task_folder=folder, cache_dir=tmp_path / "cache")
+
+
 def test_cached_perplexity_keys_and_passes_the_bos_token(tmp_path):
     """With a BOS token (a tokenizer that begins every text with one), the cached value is perplexity's with
     that BOS, under its own key: a value measured without it is never reused."""

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -164,18 +165,29 @@ def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 5
               "device": model_device(model).type, "torch": torch.__version__.split("+")[0],
               "transformers": transformers.__version__,
               "code": _PERPLEXITY_CODE}
+    return _stored_or_computed(
+        "perplexity", fields, cache_dir,
+        lambda: perplexity(model, input_ids, window=window, stride=stride, batch_size=batch_size, progress=progress,
+                           bos_token_id=bos_token_id),
+        lambda value: isinstance(value, (int, float)) and math.isfinite(value) and value >= 1.0)
+
+
+def _stored_or_computed(kind: str, fields: dict, cache_dir: str | Path | None, compute: Callable[[], object],
+                        valid: Callable[[object], bool]) -> object:
+    """The value kept in `<cache>/<kind>/<key>.json` for these key `fields`, or `compute()` stored there.
+
+    The key is a SHA-256 over the fields; a stored file is used only when its fields match and `valid(value)`
+    holds, anything else (missing, partial, foreign) is recomputed and written atomically."""
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    path = cache_root(cache_dir) / "perplexity" / f"{key}.json"
+    path = cache_root(cache_dir) / kind / f"{key}.json"
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-        value = float(stored["perplexity"])
-        if stored.get("fields") == fields and math.isfinite(value) and value >= 1.0:
-            return value
+        if stored.get("fields") == fields and valid(stored[kind]):
+            return stored[kind]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = perplexity(model, input_ids, window=window, stride=stride, batch_size=batch_size, progress=progress,
-                       bos_token_id=bos_token_id)
-    atomic_write_text(path, json.dumps({"fields": fields, "perplexity": value}))
+    value = compute()
+    atomic_write_text(path, json.dumps({"fields": fields, kind: value}))
     return value
 
 
@@ -389,4 +401,55 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TA
                 rows.append({"task": task, "metric": metric, "value": float(value),
                              "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan")})
     return pd.DataFrame(rows)
+
+
+def _folder_digest(folder: Path) -> str:
+    """SHA-256 over the names and bytes of the files in `folder` (the lm-eval task YAMLs and their data)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"|" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TASKS, limit: int | None = None,
+                   batch_size: int = 16, task_folder: str | Path | None = None, cache_dir: str | Path | None = None):
+    """`run_lm_eval`, computed once per model, tokenizer, tasks and settings and kept in the cache folder.
+
+    The key is a SHA-256 over `model_fingerprint(model)`, the tokenizer's vocabulary, the task names, the
+    bytes of the task files, `limit`, `batch_size` (padding can move the last digits), the device type and
+    the lm-eval, torch and transformers versions and the source of `run_lm_eval`; the table lives in
+    `<cache>/lm_eval/<key>.json` like `cached_perplexity`'s values, and a missing or damaged file is
+    recomputed. For the base model, which several chapters evaluate on the same tasks: the first one pays,
+    the others read the result. Returns the same table as `run_lm_eval`.
+    """
+    import importlib.metadata
+
+    import pandas as pd
+
+    unknown = [task for task in tasks if task not in LM_EVAL_TASKS]
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
+    folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
+    fields = {"model": model_fingerprint(model), "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
+              "tasks": list(tasks), "task_files": _folder_digest(folder),
+              "limit": check_optional_int("limit", limit, minimum=1), "batch_size": check_int("batch_size", batch_size, minimum=1),
+              "device": model_device(model).type, "lm_eval": importlib.metadata.version("lm_eval"),
+              "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+              "code": _LM_EVAL_CODE}
+
+    def valid(rows) -> bool:
+        return (isinstance(rows, list) and {row.get("task") for row in rows} == set(tasks)
+                and all(isinstance(row.get("value"), (int, float)) and math.isfinite(row["value"]) for row in rows))
+
+    rows = _stored_or_computed(
+        "lm_eval", fields, cache_dir,
+        lambda: run_lm_eval(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size,
+                            task_folder=folder).to_dict("records"),
+        valid)
+    return pd.DataFrame(rows)
+
+
+# the source of the lm-eval run, part of every cached table's key
+_LM_EVAL_CODE = hashlib.sha256(inspect.getsource(run_lm_eval).encode()).hexdigest()
 
