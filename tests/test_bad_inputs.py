@@ -147,6 +147,7 @@ ROWS = [
     Row("evaluation.model_size_bytes", lambda c: __import__("utils.evaluation").evaluation.model_size_bytes("model"), TypeError, "model"),
     Row("evaluation.write_lm_eval_tasks", lambda c: __import__("utils.evaluation").evaluation.write_lm_eval_tasks(analogy_items=0), ValueError, "analogy_items"),
     Row("evaluation.run_lm_eval", lambda c: __import__("utils.evaluation").evaluation.run_lm_eval(c.model, c.tokenizer, tasks=("mmlu",)), ValueError, "tasks"),
+    Row("evaluation.cached_lm_eval", lambda c: __import__("utils.evaluation").evaluation.cached_lm_eval(c.model, c.tokenizer, limit=0), ValueError, "limit"),
     # depth
     Row("depth.remove_layers", lambda c: __import__("utils.depth").depth.remove_layers(c.model, "12", inplace=True), TypeError, "indices", True),
     Row("depth.layers_removed", lambda c: __import__("utils.depth").depth.layers_removed(c.model, [1.0]).__enter__(), TypeError, "indices", True),
@@ -247,6 +248,7 @@ ROWS = [
     # hooks
     Row("hooks.capture_activations", lambda c: hooks.capture_activations(c.model, layers="12").__enter__(), TypeError, "layers"),
     Row("hooks.count_hooks", lambda c: hooks.count_hooks("model"), TypeError, "model"),
+    Row("hooks.block_input_replaced", lambda c: hooks.block_input_replaced(c.model, 0, "recorded").__enter__(), TypeError, "inputs"),
     # routing
     Row("routing.AttentionRouter", lambda c: routing.AttentionRouter(1, ["a"], {"a": [2]}, torch.full((1, 64), NAN), torch.zeros(1), torch.zeros(64), torch.ones(64)), ValueError, "weight"),
     Row("routing.skip_candidates", lambda c: routing.skip_candidates(c.model, 7), ValueError, "router_layer"),

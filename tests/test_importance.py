@@ -301,7 +301,8 @@ def test_greedy_search_reusing_the_prefix_gives_the_same_scores(tiny, trial_name
     name, model, _ = tiny
     trial = {"layers_removed": layers_removed, "attention_skipped": attention_skipped}[trial_name]
     batches = _batches()
-    logits = model(batches[0]["input_ids"]).logits
+    ids = batches[0]["input_ids"].to(model.device)
+    logits = model(ids).logits
     full_chosen, full = _scores_of_every_trial(model, batches, trial, 2, reuse_prefix=False)
     reused_chosen, reused = _scores_of_every_trial(model, batches, trial, 2, reuse_prefix=True)
     n_layers = len(decoder_layers(model))
@@ -316,7 +317,7 @@ def test_greedy_search_reusing_the_prefix_gives_the_same_scores(tiny, trial_name
     with trial(model, full_chosen[:1]):
         assert recorded_steps[1][0] == pytest.approx(calibration_loss(model, batches), rel=1e-6)
     assert count_hooks(model) == 0 and len(decoder_layers(model)) == n_layers
-    assert torch.equal(model(batches[0]["input_ids"]).logits, logits)
+    assert torch.equal(model(ids).logits, logits)
 
 
 def test_greedy_search_reusing_the_prefix_restores_the_model_when_a_score_raises():

@@ -429,11 +429,13 @@ def cached_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL
     unknown = [task for task in tasks if task not in LM_EVAL_TASKS]
     if unknown:
         raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
+    limit = check_optional_int("limit", limit, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
     fields = {"model": model_fingerprint(model), "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
               "tasks": list(tasks), "task_files": _folder_digest(folder),
-              "limit": check_optional_int("limit", limit, minimum=1), "batch_size": check_int("batch_size", batch_size, minimum=1),
+              "limit": limit, "batch_size": batch_size,
               "device": model_device(model).type, "lm_eval": importlib.metadata.version("lm_eval"),
               "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
               "code": _LM_EVAL_CODE}
