@@ -358,6 +358,13 @@ def write_lm_eval_tasks(folder: str | Path | None = None, analogy_items: int = 2
     return folder
 
 
+def _check_tasks(tasks: tuple[str, ...]) -> None:
+    """A ValueError listing the course's offline tasks when `tasks` names another."""
+    unknown = [task for task in tasks if task not in LM_EVAL_TASKS]
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
+
+
 def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TASKS, limit: int | None = None,
                 batch_size: int = 16, task_folder: str | Path | None = None):
     """Run lm-eval tasks on a model held in memory and return a table (pandas DataFrame).
@@ -370,9 +377,7 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TA
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    unknown = [task for task in tasks if task not in LM_EVAL_TASKS]
-    if unknown:
-        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
+    _check_tasks(tasks)
     folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
     # lm-eval's chatter (the model-argument warnings, its text progress bars) would fill a notebook's output:
     # its logger is set to ERROR (its handler created here, on the real stderr, so errors still show) and its
@@ -426,9 +431,7 @@ def cached_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL
 
     import pandas as pd
 
-    unknown = [task for task in tasks if task not in LM_EVAL_TASKS]
-    if unknown:
-        raise ValueError(f"Unknown tasks {unknown}; the course's offline tasks are: {', '.join(LM_EVAL_TASKS)}")
+    _check_tasks(tasks)
     limit = check_optional_int("limit", limit, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     folder = Path(task_folder) if task_folder else write_lm_eval_tasks()
