@@ -41,7 +41,9 @@ def machine() -> tuple[str, str]:
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
     if torch.cuda.is_available():
         return "gpu", f"{torch.cuda.get_device_name(0)}, {versions}"
-    return "cpu", f"{platform.machine()}, {os.cpu_count()} CPU cores, {versions}"
+    from utils.models import compute_precision
+
+    return "cpu", f"{platform.machine()}, {os.cpu_count()} CPU cores, {compute_precision()}, {versions}"
 
 
 GLUED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = (.+)$")
@@ -108,7 +110,7 @@ def record_book_build(folder: Path, notebooks: list[str], commit: str, descripti
 # The environment variables through which a chapter's budget or model can be changed: a run made with any of
 # them set is recorded with its "overrides", and the chapters' time estimates (utils.book.recorded_runs) skip it
 OVERRIDES = ("REARCH_BUDGET", "REARCH_MODEL", "REARCH_QUICK", "REARCH_DEVICE", "REARCH_DTYPE", "REARCH_DISTILL_STEPS",
-             "REARCH_HEAL_STEPS", "REARCH_LORA_STEPS", "REARCH_REFIT_SAMPLES", "REARCH_TAYLOR_SAMPLES")
+             "REARCH_HEAL_STEPS", "REARCH_LORA_STEPS", "REARCH_REFIT_SAMPLES", "REARCH_TAYLOR_SAMPLES", "REARCH_CPU_AUTOCAST")
 
 
 def overrides() -> dict[str, str]:

@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the tests compare exact values (saved and reloaded logits, prefix reuse): float32 unless a test asks for the
+# bfloat16 autocast that the book uses on a CPU with bfloat16 units (tests/test_precision.py)
+os.environ.setdefault("REARCH_CPU_AUTOCAST", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

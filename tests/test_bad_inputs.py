@@ -126,6 +126,9 @@ ROWS = [
     Row("models.glu_projections", lambda c: __import__("utils.models").models.glu_projections(torch.nn.Linear(2, 2)), ValueError, "mlp"),
     Row("models.stack_configs", lambda c: __import__("utils.models").models.stack_configs(c.model, "4"), TypeError, "n_layers"),
     Row("models.model_device", lambda c: __import__("utils.models").models.model_device(torch.nn.ReLU()), ValueError, "model"),
+    Row("models.cpu_autocast_dtype", lambda c: __import__("utils.models").models.cpu_autocast_dtype("model"), TypeError, "model"),
+    Row("models.compute_autocast", lambda c: _with_environment({"REARCH_CPU_AUTOCAST": "fp8"}, lambda: __import__("utils.models").models.compute_autocast(c.model)), ValueError, "REARCH_CPU_AUTOCAST"),
+    Row("models.compute_precision", lambda c: _with_environment({"REARCH_CPU_AUTOCAST": "yes"}, __import__("utils.models").models.compute_precision), ValueError, "REARCH_CPU_AUTOCAST"),
     Row("models.check_layer_indices", lambda c: __import__("utils.models").models.check_layer_indices(c.model, "12"), TypeError, "indices"),
     Row("models.architecture_summary", lambda c: __import__("utils.models").models.architecture_summary("llama"), TypeError, "config"),
     # data
@@ -407,6 +410,7 @@ NO_INPUT = {
     "models.embedded_gguf_path": "no arguments",
     "models.known_model_names": "no arguments",
     "models.library_versions": "no arguments",
+    "models.cpu_has_bf16_units": "no arguments",
     "data.analogy_questions": "no arguments",
     "data.CorpusInfo": "a record of constants",
     "bypass.modeling_source": "no arguments",

@@ -408,7 +408,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_batches: Sequence[Batc
 
     The training loop is `utils.training.train` (AdamW, warm-up then cosine decay, gradient accumulation
     over `grad_accum` batches, clipping to `max_grad_norm`, `shuffle` and `seed`, float32 master weights
-    with autocast for a float16 or bfloat16 student, see `mixed_precision`); the loss is
+    with autocast for a float16 or bfloat16 student, bfloat16 autocast for a float32 one on a CPU with
+    bfloat16 units, see `mixed_precision`); the loss is
     `distillation_loss` with the given weights, and `hidden_weight` > 0 adds the hidden-state term over
     `layer_map` (default: `default_layer_map` by relative depth). The teacher runs in eval mode under
     no_grad and is never changed (its mode is restored at the end). Held-out evaluation, before training,

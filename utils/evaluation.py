@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checks import (check_bool, check_int, check_module, check_optional_int, check_str, check_tensor,
                      check_token_ids, model_vocab_size)
 from .data import analogy_questions, atomic_write_text, bos_ids, load_labeled
-from .models import cache_root, model_device
+from .models import cache_root, compute_autocast, cpu_autocast_dtype, model_device
 
 
 @torch.no_grad()
@@ -36,7 +36,8 @@ def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
     Token t is scored as the prediction made at position t-1. Tokens where `attention_mask` is 0
     (padding) are never scored; `score_mask` (same shape, 1 = score) can exclude more, such as the
-    context part of a sliding window.
+    context part of a sliding window. The forward pass runs under `utils.models.compute_autocast` (bfloat16
+    matrix products on a CPU with bfloat16 units, REARCH_CPU_AUTOCAST=off for float32); the loss is float32.
     """
     check_module("model", model)
     check_token_ids("input_ids", input_ids, model_vocab_size(model), dim=2)
@@ -50,7 +51,8 @@ def batch_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     scored = attention_mask.bool()
     if score_mask is not None:
         scored &= score_mask.to(device).bool()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    with compute_autocast(model):  # bfloat16 matrix products on a CPU with bfloat16 units (utils.models)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     return nll.item(), int((targets != -100).sum())
@@ -148,7 +150,7 @@ def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 5
 
     The key is a SHA-256 over `model_fingerprint(model)`, the token ids, `window`, `stride`,
     `bos_token_id` (see `perplexity`), the device
-    type, the torch and transformers versions and the source code of `perplexity` and `batch_nll` (a
+    type, the compute precision (`utils.models.cpu_autocast_dtype`), the torch and transformers versions and the source code of `perplexity` and `batch_nll` (a
     change to how perplexity is computed never reuses an old value); the value lives in `<cache>/perplexity/<key>.json` (see
     `utils.models.cache_root` for `cache_dir`) with the key fields beside it. A stored file is used only
     when its fields match and its value is a finite number >= 1; anything else (a missing, partial or
@@ -162,8 +164,8 @@ def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 5
               "tokens": hashlib.sha256(input_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest(),
               "window": int(window), "stride": None if stride is None else int(stride),
               "bos_token_id": check_optional_int("bos_token_id", bos_token_id, minimum=0),
-              "device": model_device(model).type, "torch": torch.__version__.split("+")[0],
-              "transformers": transformers.__version__,
+              "device": model_device(model).type, "compute": str(cpu_autocast_dtype(model)),
+              "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
               "code": _PERPLEXITY_CODE}
     return _stored_or_computed(
         "perplexity", fields, cache_dir,
@@ -370,7 +372,8 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TA
     """Run lm-eval tasks on a model held in memory and return a table (pandas DataFrame).
 
     Columns: task, metric, value, stderr. `limit` caps the documents per task (for quick tests).
-    Unknown task names get a ValueError listing the course's tasks.
+    Unknown task names get a ValueError listing the course's tasks. The model computes in the precision
+    of `utils.models.cpu_autocast_dtype`, like `batch_nll` (lm-eval's `mixed_precision_dtype`).
     """
     import pandas as pd
     from lm_eval import simple_evaluate
@@ -390,8 +393,9 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL_TA
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stderr(chatter):
+            # lm-eval's own autocast: bfloat16 matrix products on a CPU with bfloat16 units (utils.models)
             wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                           device=str(model_device(model)))
+                           device=str(model_device(model)), mixed_precision_dtype=cpu_autocast_dtype(model))
             results = simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, log_samples=False,
                                       task_manager=TaskManager(include_path=str(folder), include_defaults=False),
                                       verbosity="ERROR")
@@ -421,8 +425,8 @@ def cached_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL
     """`run_lm_eval`, computed once per model, tokenizer, tasks and settings and kept in the cache folder.
 
     The key is a SHA-256 over `model_fingerprint(model)`, the tokenizer's vocabulary, the task names, the
-    bytes of the task files, `limit`, `batch_size` (padding can move the last digits), the device type and
-    the lm-eval, torch and transformers versions and the source of `run_lm_eval`; the table lives in
+    bytes of the task files, `limit`, `batch_size` (padding can move the last digits), the device type, the compute precision
+    (`utils.models.cpu_autocast_dtype`) and the lm-eval, torch and transformers versions and the source of `run_lm_eval`; the table lives in
     `<cache>/lm_eval/<key>.json` like `cached_perplexity`'s values, and a missing or damaged file is
     recomputed. For the base model, which several chapters evaluate on the same tasks: the first one pays,
     the others read the result. Returns the same table as `run_lm_eval`.
@@ -439,7 +443,8 @@ def cached_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL
     fields = {"model": model_fingerprint(model), "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
               "tasks": list(tasks), "task_files": _folder_digest(folder),
               "limit": limit, "batch_size": batch_size,
-              "device": model_device(model).type, "lm_eval": importlib.metadata.version("lm_eval"),
+              "device": model_device(model).type, "compute": str(cpu_autocast_dtype(model)),
+              "lm_eval": importlib.metadata.version("lm_eval"),
               "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
               "code": _LM_EVAL_CODE}
 

@@ -7,6 +7,7 @@ folder appears only when it is complete); every later call loads from that cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -636,6 +637,73 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+CPU_AUTOCAST_MODES = ("auto", "bf16", "off")
+
+
+def cpu_has_bf16_units() -> bool:
+    """True when this processor computes bfloat16 dot products in hardware (the x86 flags avx512_bf16 or
+    amx_bf16, read from /proc/cpuinfo; False where that file does not exist).
+
+    There a bfloat16 matrix product runs about twice as fast as a float32 one (the course's 2-core AMD EPYC
+    build machine: a distillation step 1.6x faster, `benchmarks/cpu_bf16_step.py`); elsewhere bfloat16 is
+    emulated and can be many times slower (an AVX2 machine measured a step 20x slower), so it is never
+    chosen there on its own.
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def cpu_autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """torch.bfloat16 when `model` computes under bfloat16 autocast on this CPU, else None.
+
+    The environment variable REARCH_CPU_AUTOCAST decides: "auto" (the default) where the processor has
+    bfloat16 units (`cpu_has_bf16_units`), "bf16" always, "off" never. Only a float32 model on the CPU
+    qualifies: a model on a GPU or already in a low-precision dtype keeps its own precision. The weights
+    stay float32 (autocast runs the matrix products in bfloat16 and keeps softmax, norms and losses in
+    float32); the course's evaluation passes (`utils.evaluation.batch_nll`, `run_lm_eval`,
+    `utils.specialize.answer_logprobs`) and its training loop (`utils.training.train`) use it, while speed
+    measurements, generation and the passes that collect statistics through hooks stay in float32.
+    Unknown values are a ValueError naming the variable.
+    """
+    check_module("model", model)
+    on = _cpu_autocast_on()  # reads and checks the variable first, whatever the model
+    if next(model.parameters(), None) is None:
+        return None
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not on or model_device(model).type != "cpu" or floating != {torch.float32}:
+        return None
+    return torch.bfloat16
+
+
+def _cpu_autocast_on() -> bool:
+    """Whether REARCH_CPU_AUTOCAST (checked here) turns bfloat16 autocast on for a float32 model on this CPU."""
+    mode = os.environ.get("REARCH_CPU_AUTOCAST", "auto").strip().lower() or "auto"
+    if mode not in CPU_AUTOCAST_MODES:
+        raise ValueError(f"REARCH_CPU_AUTOCAST must be one of {CPU_AUTOCAST_MODES}, got {mode!r}.")
+    return mode == "bf16" or (mode == "auto" and cpu_has_bf16_units())
+
+
+def compute_autocast(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The context the course's evaluation passes run a model's forward under: bfloat16 autocast on the
+    CPU where `cpu_autocast_dtype(model)` says so, else a context that changes nothing."""
+    dtype = cpu_autocast_dtype(model)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def compute_precision() -> str:
+    """How a float32 model computes on this CPU in the course's evaluation passes and training loop, for the
+    first cells of a chapter and the run records: "bf16 autocast" (bfloat16 matrix products, float32 weights)
+    or "float32" (see `cpu_autocast_dtype`)."""
+    return "bf16 autocast" if _cpu_autocast_on() else "float32"
+
+
 def run_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
     """One forward pass whose only purpose is what hooks capture on the way (hidden states, activations).
 
@@ -677,7 +745,8 @@ def library_versions() -> dict[str, str]:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = "not installed"
-    versions["device"] = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    versions["device"] = ("cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                          else f"cpu, {compute_precision()}")
     return versions
 
 

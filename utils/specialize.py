@@ -48,7 +48,7 @@ from .batches import Batch, check_batches, pad_rows, pad_token_id
 from .data import bos_ids, load_labeled
 from .distill import kd_loss, next_token_loss
 from .evaluation import perplexity, run_lm_eval
-from .models import cache_argument_name, decoder_layers, model_device, output_cache
+from .models import cache_argument_name, compute_autocast, decoder_layers, model_device, output_cache
 from .training import EvalFn, TrainingHistory, check_training_arguments, train
 
 SMS_TASKS = ("classify", "extract")
@@ -354,7 +354,8 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
     `utils.training.train`: each of the `steps` optimizer steps accumulates `grad_accum` batches of
     `train_batches` (from `training_batches`), cycled as needed and re-ordered on every pass with
     `shuffle`; AdamW with linear warm-up then cosine decay to 0, gradients clipped to `max_grad_norm`,
-    float32 master weights with autocast on a float16 or bfloat16 model (`mixed_precision`). The loss is
+    float32 master weights with autocast on a float16 or bfloat16 model, bfloat16 autocast on a CPU with
+    bfloat16 units (`mixed_precision`, `utils.training.autocast_dtype`). The loss is
     `answer_loss`, with its KL anchor to the model without adapter over `anchor_tokens` prompt positions
     when `anchor_weight` > 0. `eval_fn(model)` (a float or a dict of floats, for example a validation
     accuracy) runs before training, every `eval_every` steps and at the end, in eval mode without
@@ -407,6 +408,7 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     forward pass reads the prompts (left-padded, logits for the last position only); an answer of
     several tokens continues from a copy of the prompts' KV cache, so the prompt is never run twice.
     Prompts of similar length share a batch (less padding to compute); rows come back in input order.
+    The passes run under `utils.models.compute_autocast`, like `utils.evaluation.batch_nll`.
     """
     check_module("model", model)
     prompts = _prompts_of(prompts, "prompts")
@@ -423,28 +425,30 @@ def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[Example | str
     pad_id = pad_token_id(tokenizer)
     prompt_rows = [prompt_token_ids(tokenizer, p) for p in prompts]
     scores = torch.empty(len(prompts), len(answers))
-    for batch in tqdm(_batches_by_length(prompt_rows, batch_size), desc="scoring answers", disable=not progress,
-                      leave=False):
-        rows = [prompt_rows[i] for i in batch]
-        input_ids, attention_mask = pad_rows(rows, pad_id, side="left")
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = position_ids_from_mask(attention_mask)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                       logits_to_keep=1)
-        first = F.log_softmax(output.logits[:, -1].float(), dim=-1)
-        batch_scores = torch.empty(len(rows), len(answers))
-        for k, ids in enumerate(answer_ids):
-            score = first[:, ids[0]]
-            if len(ids) > 1:
-                rest = torch.tensor(ids, device=device).expand(len(rows), -1)
-                mask = torch.cat([attention_mask, torch.ones_like(rest[:, 1:])], dim=1)
-                continued = model(input_ids=rest[:, :-1], attention_mask=mask,
-                                  position_ids=position_ids[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
-                                  use_cache=True, **{cache_name: copy.deepcopy(output_cache(output))})
-                logprobs = F.log_softmax(continued.logits.float(), dim=-1)
-                score = score + logprobs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
-            batch_scores[:, k] = score.cpu()
-        scores[batch] = batch_scores
+    # bfloat16 matrix products on a CPU with bfloat16 units (utils.models.compute_autocast)
+    with compute_autocast(model):
+        for batch in tqdm(_batches_by_length(prompt_rows, batch_size), desc="scoring answers", disable=not progress,
+                          leave=False):
+            rows = [prompt_rows[i] for i in batch]
+            input_ids, attention_mask = pad_rows(rows, pad_id, side="left")
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            position_ids = position_ids_from_mask(attention_mask)
+            output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                           logits_to_keep=1)
+            first = F.log_softmax(output.logits[:, -1].float(), dim=-1)
+            batch_scores = torch.empty(len(rows), len(answers))
+            for k, ids in enumerate(answer_ids):
+                score = first[:, ids[0]]
+                if len(ids) > 1:
+                    rest = torch.tensor(ids, device=device).expand(len(rows), -1)
+                    mask = torch.cat([attention_mask, torch.ones_like(rest[:, 1:])], dim=1)
+                    continued = model(input_ids=rest[:, :-1], attention_mask=mask,
+                                      position_ids=position_ids[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
+                                      use_cache=True, **{cache_name: copy.deepcopy(output_cache(output))})
+                    logprobs = F.log_softmax(continued.logits.float(), dim=-1)
+                    score = score + logprobs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+                batch_scores[:, k] = score.cpu()
+            scores[batch] = batch_scores
     return scores
 
 
