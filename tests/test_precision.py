@@ -71,6 +71,18 @@ def test_a_low_precision_model_keeps_its_own(monkeypatch, model_and_tokenizer):
     assert autocast_dtype(model, "auto") == torch.bfloat16  # its own dtype, as before
 
 
+def test_a_lora_model_keeps_float32(monkeypatch, model_and_tokenizer):
+    from peft import get_peft_model
+
+    from utils.specialize import lora_config
+
+    model, _ = model_and_tokenizer
+    monkeypatch.setenv("REARCH_CPU_AUTOCAST", "bf16")
+    adapted = get_peft_model(model, lora_config(model, "all-linear", rank=2))
+    assert cpu_autocast_dtype(adapted) is None and autocast_dtype(adapted, "auto") is None
+    assert cpu_autocast_dtype(adapted.merge_and_unload()) == torch.bfloat16  # merged: a plain model again
+
+
 def test_evaluation_runs_in_bf16_and_stays_close(monkeypatch, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     ids = token_ids(tokenizer, "wikipedia", "eval", max_tokens=512)

@@ -11,7 +11,8 @@ Precision: a model loaded in float16 or bfloat16 (what `utils.models.load_model`
 trained with float32 master weights and autocast in its own dtype, float16 with dynamic loss scaling
 (torch.amp.GradScaler), so a T4 (float16) trains the same recipe as an H100 (bfloat16) or a CPU (float32).
 The trainable parameters go back to the model's dtype at the end. A float32 model on a CPU with bfloat16
-units trains under bfloat16 autocast (`utils.models.cpu_autocast_dtype`; about 1.6x faster a step there).
+units trains under bfloat16 autocast (`utils.models.cpu_autocast_dtype`; about 1.6x faster a step there), a
+model with LoRA adapters excepted.
 `mixed_precision` can also ask for autocast on a float32 model ("bf16", "fp16") or for none at all ("no").
 
 With an `accelerate.Accelerator`, the model is wrapped for several processes (DDP or FSDP), each process
