@@ -149,9 +149,10 @@ def cached_perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 5
     """`perplexity`, computed once per model, text and settings and kept in the cache folder.
 
     The key is a SHA-256 over `model_fingerprint(model)`, the token ids, `window`, `stride`,
-    `bos_token_id` (see `perplexity`), the device
-    type, the compute precision (`utils.models.cpu_autocast_dtype`), the torch and transformers versions and the source code of `perplexity` and `batch_nll` (a
-    change to how perplexity is computed never reuses an old value); the value lives in `<cache>/perplexity/<key>.json` (see
+    `bos_token_id` (see `perplexity`), the device type, the compute precision
+    (`utils.models.cpu_autocast_dtype`), the torch and transformers versions and the source code of `perplexity`
+    and `batch_nll` (a change to how perplexity is computed never reuses an old value); the value lives in
+    `<cache>/perplexity/<key>.json` (see
     `utils.models.cache_root` for `cache_dir`) with the key fields beside it. A stored file is used only
     when its fields match and its value is a finite number >= 1; anything else (a missing, partial or
     foreign file) is recomputed and written atomically. For baselines that many cells or chapters
@@ -425,8 +426,9 @@ def cached_lm_eval(model: nn.Module, tokenizer, tasks: tuple[str, ...] = LM_EVAL
     """`run_lm_eval`, computed once per model, tokenizer, tasks and settings and kept in the cache folder.
 
     The key is a SHA-256 over `model_fingerprint(model)`, the tokenizer's vocabulary, the task names, the
-    bytes of the task files, `limit`, `batch_size` (padding can move the last digits), the device type, the compute precision
-    (`utils.models.cpu_autocast_dtype`) and the lm-eval, torch and transformers versions and the source of `run_lm_eval`; the table lives in
+    bytes of the task files, `limit`, `batch_size` (padding can move the last digits), the device type, the
+    compute precision (`utils.models.cpu_autocast_dtype`) and the lm-eval, torch and transformers versions and
+    the source of `run_lm_eval`; the table lives in
     `<cache>/lm_eval/<key>.json` like `cached_perplexity`'s values, and a missing or damaged file is
     recomputed. For the base model, which several chapters evaluate on the same tasks: the first one pays,
     the others read the result. Returns the same table as `run_lm_eval`.

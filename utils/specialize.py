@@ -354,8 +354,8 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
     `utils.training.train`: each of the `steps` optimizer steps accumulates `grad_accum` batches of
     `train_batches` (from `training_batches`), cycled as needed and re-ordered on every pass with
     `shuffle`; AdamW with linear warm-up then cosine decay to 0, gradients clipped to `max_grad_norm`,
-    float32 master weights with autocast on a float16 or bfloat16 model, bfloat16 autocast on a CPU with
-    bfloat16 units (`mixed_precision`, `utils.training.autocast_dtype`). The loss is
+    float32 master weights with autocast on a float16 or bfloat16 model (`mixed_precision`); on a CPU a LoRA
+    model trains in float32 even where bfloat16 autocast is available (`utils.models.cpu_autocast_dtype`). The loss is
     `answer_loss`, with its KL anchor to the model without adapter over `anchor_tokens` prompt positions
     when `anchor_weight` > 0. `eval_fn(model)` (a float or a dict of floats, for example a validation
     accuracy) runs before training, every `eval_every` steps and at the end, in eval mode without
