@@ -142,3 +142,54 @@ def test_the_embedded_model_in_bf16_is_within_half_a_percent(monkeypatch, embedd
     monkeypatch.setenv("REARCH_CPU_AUTOCAST", "bf16")
     low = perplexity(model, ids, window=512, progress=False)
     assert abs(low / reference - 1) < 0.005
+
+
+def test_statistics_passes_run_in_bf16_but_sum_in_full_precision(monkeypatch, model_and_tokenizer):
+    """activation_statistics runs its forward pass under bf16 autocast; the hooks hand the callback bf16
+    activations with autocast switched off, so the Gram matrix is a float32 product, not a bf16 one."""
+    from utils.hooks import capture_activations
+    from utils.width import activation_statistics
+
+    model, tokenizer = model_and_tokenizer
+    batches = calibration_batches(tokenizer, "wikipedia", n_samples=4, seq_len=32, batch_size=2)
+    monkeypatch.setenv("REARCH_CPU_AUTOCAST", "off")
+    reference = activation_statistics(model, batches, gram=True, progress=False)
+    monkeypatch.setenv("REARCH_CPU_AUTOCAST", "bf16")
+    with linear_output_dtypes(model) as seen:
+        low = activation_statistics(model, batches, gram=True, progress=False)
+    assert seen == {torch.bfloat16}
+    for key in ("mean", "mean_abs", "mean_square"):
+        assert float((low[key] - reference[key]).norm() / reference[key].norm()) < 0.05, key
+    assert low["gram"].dtype == torch.float64
+    assert float((low["gram"] - reference["gram"]).norm() / reference["gram"].norm()) < 0.02
+    inside = []
+
+    def callback(point, layer, tensor):
+        flat = tensor.reshape(-1, tensor.shape[-1]).float()
+        inside.append((tensor.dtype, torch.is_autocast_enabled("cpu"), (flat.T @ flat).dtype))
+
+    ids = batches[0]["input_ids"]
+    with compute_autocast(model), capture_activations(model, layers=[0], points=("mlp_act",), callback=callback):
+        with torch.no_grad():
+            model(input_ids=ids)
+    assert inside == [(torch.bfloat16, False, torch.float32)]
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@SKIP_EMBEDDED
+def test_the_embedded_models_block_rankings_survive_bf16(monkeypatch, embedded):
+    """The importance passes run in bf16 on such a CPU: on the embedded model the choices the chapters make from
+    them stay the same (CH04's 6-block angular window and its lowest block influences, CH07's least important
+    attention sublayers)."""
+    from utils.importance import layer_importance, sublayer_importance
+
+    model, tokenizer = embedded
+    batches = calibration_batches(tokenizer, "wikipedia", n_samples=8, seq_len=256, batch_size=8)
+    found = {}
+    for mode in ("off", "bf16"):
+        monkeypatch.setenv("REARCH_CPU_AUTOCAST", mode)
+        layers = layer_importance(model, batches, window_blocks=6, progress=False)
+        attention = sublayer_importance(model, batches, progress=False)["attention"]
+        found[mode] = (int(layers["angular_distance"].argmin()), set(layers["block_influence"].argsort()[:6].tolist()),
+                       set(attention.argsort()[:8].tolist()))
+    assert found["bf16"] == found["off"]

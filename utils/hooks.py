@@ -73,8 +73,10 @@ def capture_activations(model: nn.Module, layers: list[int] | None = None,
     `layers` defaults to every block. Without `callback`, the tensors are detached (and moved to the CPU
     when `to_cpu`) and collected in the yielded `Captured` dict. With `callback(point, layer, tensor)`,
     nothing is stored: each tensor is handed to the callback as it is produced, which lets importance
-    scores be accumulated over many batches in constant memory. Every hook is removed when the block
-    exits, also when a forward pass inside it raises.
+    scores be accumulated over many batches in constant memory; it runs with autocast switched off, so a
+    pass under bfloat16 autocast hands it bfloat16 activations but its own sums and products are not
+    rounded to bfloat16. Every hook is removed when the block exits, also when a forward pass inside it
+    raises.
     """
     unknown = [p for p in points if p not in POINTS]
     if unknown:
@@ -86,7 +88,10 @@ def capture_activations(model: nn.Module, layers: list[int] | None = None,
     def record(point: str, index: int, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
         if callback is not None:
-            callback(point, index, tensor)
+            # the callback's arithmetic (sums, Gram matrices) runs in the tensor's own precision, also when the
+            # forward pass runs under autocast (utils.models.compute_autocast), which would round its products
+            with torch.autocast(tensor.device.type, enabled=False):
+                callback(point, index, tensor)
         else:
             captured.setdefault((point, index), []).append(tensor.cpu() if to_cpu else tensor)
 

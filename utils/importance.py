@@ -16,7 +16,9 @@ Padding (attention_mask 0) is never scored.
   raises the calibration loss least, re-scoring after each removal.
 
 Every function runs the model in eval mode under torch.no_grad, restores the training flags it found,
-and removes every hook it registered, also when a forward pass raises.
+and removes every hook it registered, also when a forward pass raises. The passes run under
+`utils.models.compute_autocast` like every evaluation pass (bfloat16 matrix products on a CPU with
+bfloat16 units); the scores are computed from the float32 residual stream, outside autocast.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .batches import Batch, evaluating, ids_and_masks
 from .depth import layers_removed, removable_layers
 from .evaluation import batch_nll
 from .hooks import block_input_replaced, capture_activations
-from .models import decoder_layers, layer_count, model_device, run_for_hooks
+from .models import compute_autocast, decoder_layers, layer_count, model_device, run_for_hooks
 
 
 def _masked_cosine(a: torch.Tensor, b: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,10 @@ def _influence_and_windows(model: nn.Module, batches: Sequence[Batch], sizes: li
         inputs.pop(layer - longest + 1, None)  # no window of any size needs that block's input any more
 
     tokens = 0
-    with evaluating(model), capture_activations(model, points=("block_in", "block_out"), callback=on_capture):
+    # bfloat16 matrix products where the CPU has the units (utils.models.compute_autocast); the residual stream the
+    # hooks read stays float32 and the callback's cosines and sums run outside autocast (utils.hooks)
+    with evaluating(model), compute_autocast(model), \
+            capture_activations(model, points=("block_in", "block_out"), callback=on_capture):
         for ids, mask in tqdm(prepared, desc="layer importance", disable=not progress, leave=False):
             current["real"] = mask.bool()
             try:
@@ -327,8 +332,8 @@ def sublayer_importance(model: nn.Module, batches: Sequence[Batch], progress: bo
             held[point, layer] = hidden
 
     tokens = 0
-    with evaluating(model), capture_activations(model, points=("block_in", "resid_mid", "block_out"),
-                                                 callback=on_capture):
+    with evaluating(model), compute_autocast(model), \
+            capture_activations(model, points=("block_in", "resid_mid", "block_out"), callback=on_capture):
         for ids, mask in tqdm(prepared, desc="sublayer importance", disable=not progress, leave=False):
             current["real"] = mask.bool()
             try:

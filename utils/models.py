@@ -671,8 +671,10 @@ def cpu_autocast_dtype(model: nn.Module) -> torch.dtype | None:
     test messages right instead of 0.85), so adapters train and are evaluated in float32. The weights
     stay float32 (autocast runs the matrix products in bfloat16 and keeps softmax, norms and losses in
     float32); the course's evaluation passes (`utils.evaluation.batch_nll`, `run_lm_eval`,
-    `utils.specialize.answer_logprobs`) and its training loop (`utils.training.train`) use it, while speed
-    measurements, generation and the passes that collect statistics through hooks stay in float32.
+    `utils.specialize.answer_logprobs`), the calibration passes that average statistics through hooks
+    (`utils.importance.layer_importance`, `sublayer_importance`, `utils.width.activation_statistics`; the
+    hooks' own arithmetic runs outside autocast) and its training loop (`utils.training.train`) use it,
+    while speed measurements, generation and the single-example analyses of `utils.bias` stay in float32.
     Unknown values are a ValueError naming the variable.
     """
     check_module("model", model)

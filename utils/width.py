@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .checks import check_bool, check_finite, check_module, check_number
 from .batches import Batch, evaluating, ids_and_masks
 from .hooks import capture_activations
-from .models import decoder_layers, glu_projections, model_device, run_for_hooks, stack_configs
+from .models import compute_autocast, decoder_layers, glu_projections, model_device, run_for_hooks, stack_configs
 
 # ---------------------------------------------------------------------------------------------------
 # Neuron importance: which GLU neurons to keep (high score = keep)
@@ -70,7 +70,8 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
     One forward pass with a hook on every down_proj input. Returns "mean" (signed), "mean_abs" and "mean_square",
     Tensor[n_layers, intermediate_size], and "tokens"; with `gram=True` also "gram", the per-layer matrix
     A^T A / tokens of the activations (Tensor[n_layers, intermediate, intermediate], float64), which is what
-    re-fitting down_proj by least squares needs (`utils.width.refit_down_proj`).
+    re-fitting down_proj by least squares needs (`utils.width.refit_down_proj`). The forward pass runs under
+    `utils.models.compute_autocast` like the evaluation passes; the sums and the Gram matrix do not.
     """
     check_module("model", model)
     check_bool("gram", gram)
@@ -94,7 +95,9 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
             grams[layer] += (real.T @ real).double().cpu()
 
     tokens = 0
-    with evaluating(model), capture_activations(model, points=("mlp_act",), callback=on_capture):
+    # bfloat16 matrix products on a CPU with bfloat16 units (utils.models.compute_autocast); the sums above stay
+    # in float64 and the Gram products in float32 (the hooks run the callback outside autocast)
+    with evaluating(model), compute_autocast(model), capture_activations(model, points=("mlp_act",), callback=on_capture):
         for ids, mask in tqdm(prepared, desc="neuron activations", disable=not progress, leave=False):
             current["real"] = mask.bool()
             run_for_hooks(model, ids, mask)
