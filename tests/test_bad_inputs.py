@@ -297,6 +297,8 @@ ROWS = [
     Row("speed.interleaved_timings", lambda c: speed.interleaved_timings({"a": lambda: None}, warmup=-1), ValueError, "warmup"),
     Row("speed.greedy_tokens", lambda c: speed.greedy_tokens(c.model, torch.tensor([[1, 2]]), new_tokens=0), ValueError, "new_tokens"),
     Row("speed.measure_speed", lambda c: speed.measure_speed(c.model, prompt_tokens=0), ValueError, "prompt_tokens"),
+    Row("speed.measure_speed_rounds", lambda c: speed.measure_speed_rounds({"a": c.model}, rounds=0), ValueError, "rounds"),
+    Row("speed.median_over_rounds", lambda c: speed.median_over_rounds({"a": [{"ttft_ms": 1.0}]}), ValueError, "decode_tokens_per_s"),
     Row("speed.kv_cache_bytes", lambda c: speed.kv_cache_bytes("cache"), TypeError, "cache"),
     Row("speed.filled_cache_layers", lambda c: speed.filled_cache_layers("cache"), TypeError, "cache"),
     Row("speed.kv_cache_bytes_per_token", lambda c: speed.kv_cache_bytes_per_token(c.model, tokens=0), ValueError, "tokens"),

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 
@@ -223,3 +224,29 @@ def test_every_chapter_perplexity_begins_its_windows_the_way_the_tokenizer_begin
         if "bos_token_id=BOS" in code:
             assert "BOS = (bos_ids(tokenizer) or [None])[0]" in code, path.name
     assert calls >= 10
+
+
+def test_measure_speed_rounds_interleaves_and_takes_medians(tiny):
+    from utils.speed import measure_speed_rounds, median_over_rounds
+
+    _, model, _ = tiny
+    order = []
+
+    @contextlib.contextmanager
+    def noting(name):
+        order.append(name)
+        yield
+
+    runs = measure_speed_rounds({"a": model, "b": model}, rounds=3, warmup=0, prompt_tokens=8, new_tokens=3,
+                                contexts={"a": lambda: noting("a"), "b": lambda: noting("b")})
+    assert order == ["a", "b"] * 3
+    assert {name: len(rows) for name, rows in runs.items()} == {"a": 3, "b": 3}
+    assert all(row["repeats"] == 1 and row["new_tokens"] == 3 for rows in runs.values() for row in rows)
+    medians = median_over_rounds(runs, "ttft_ms")
+    assert medians["a"] == sorted(row["ttft_ms"] for row in runs["a"])[1]
+    with pytest.raises(ValueError, match="contexts"):
+        measure_speed_rounds({"a": model}, contexts={"c": contextlib.nullcontext})
+    with pytest.raises(ValueError, match="repeats"):
+        measure_speed_rounds({"a": model}, repeats=3)
+    with pytest.raises(ValueError, match="decode_tokens"):
+        median_over_rounds(runs, "tokens")

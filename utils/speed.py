@@ -4,8 +4,9 @@ One clock for the whole course (`stopwatch`): it synchronizes the device before 
 both the wall clock and this process's CPU clock; nothing else in the course reads a clock to time model
 work. On top of it, one timing helper (`interleaved_samples`): the variants to compare run in interleaved
 rounds (a, b, c, a, b, c, ...) after warm-up rounds, and the result keeps every sample so a median can be
-shown with its spread. `measure_speed` (time to first token and decode speed) and the chapters' own
-comparisons use it, and so do the benchmark scripts. `timed_call` times a one-off cost once, with both
+shown with its spread. `measure_speed` (time to first token and decode speed) uses it, and so do the
+chapters' own comparisons and the benchmark scripts; `measure_speed_rounds` compares the decode speed of
+several models the same way, one run of each per round. `timed_call` times a one-off cost once, with both
 clocks.
 
 One cost model: `decode_bytes` (what a decode step must read: decoder-block weights, LM head and the KV
@@ -19,9 +20,10 @@ kernel launches, not for memory, so its tokens/s sit far below `decode_bytes` / 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -169,6 +171,51 @@ def measure_speed(model: nn.Module, prompt_tokens: int = 128, new_tokens: int = 
         "decode_bytes_per_s": step_bytes * (new_tokens - 1) / decode_s,
         "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
     }
+
+
+def measure_speed_rounds(models: Mapping[str, nn.Module], rounds: int = 3, warmup: int = 1,
+                         contexts: Mapping[str, Callable[[], ContextManager]] | None = None,
+                         **settings) -> dict[str, list[dict[str, float]]]:
+    """`measure_speed` of several models, compared fairly: one run of every model per round, in interleaved
+    rounds (a, b, c, a, b, c, ...), so that a slow moment of the machine hits every model alike.
+
+    Each model also runs `warmup` discarded runs in the first round. `settings` go to `measure_speed`
+    (prompt_tokens, new_tokens, batch_size, seed); `contexts[name]()`, where given, is a context manager
+    entered around that model's runs (a hook that zeroes attention, say). Returns {name: [measure_speed's
+    result of each round]}: compare the models' medians over the rounds (`median_over_rounds`), and read
+    the spread of one model's rounds as how much this machine's timings move.
+    """
+    if not models:
+        raise ValueError("`models` is empty: pass {name: model} for at least one model.")
+    rounds = check_int("rounds", rounds, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
+    contexts = dict(contexts or {})
+    unknown = sorted(set(contexts) - set(models))
+    if unknown:
+        raise ValueError(f"`contexts` names {unknown}, which are not in `models` ({', '.join(models)}).")
+    for name, context in contexts.items():
+        check_callable(f"contexts[{name!r}]", context, "a function that returns a context manager")
+    reserved = sorted({"repeats", "warmup"} & set(settings))
+    if reserved:
+        raise ValueError(f"{reserved} cannot be settings here: each round runs every model once (`rounds`), and "
+                         "`warmup` is this function's own argument.")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for round_index in range(rounds):
+        for name, model in models.items():
+            with contexts[name]() if name in contexts else contextlib.nullcontext():
+                results[name].append(measure_speed(model, warmup=warmup if round_index == 0 else 0, repeats=1,
+                                                   **settings))
+    return results
+
+
+def median_over_rounds(results: Mapping[str, Sequence[Mapping[str, float]]],
+                       key: str = "decode_tokens_per_s") -> dict[str, float]:
+    """The median over the rounds of one quantity of `measure_speed_rounds`'s results, per model."""
+    for name, rows in results.items():
+        if not rows or any(key not in row for row in rows):
+            raise ValueError(f"{name!r} has no {key!r} in every round: pass the result of measure_speed_rounds and one "
+                             "of measure_speed's keys, such as 'decode_tokens_per_s' or 'ttft_ms'.")
+    return {name: statistics.median(row[key] for row in rows) for name, rows in results.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
