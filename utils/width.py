@@ -15,6 +15,8 @@ describes the model and it saves and loads with plain `from_pretrained`.
   norm), `taylor_neuron_importance` (first-order Taylor estimate of the loss change, LLM-Pruner), and
   `prune_glu_width_with_bias` (FLAP's bias that replaces the removed neurons' mean output, stored as
   `config.mlp_bias` so the model still reloads with plain `from_pretrained`).
+- Gradual pruning: `prune_glu_width_in_steps` cuts in several smaller steps, each followed by a short heal
+  by distillation from the unpruned model (`utils.distill.distill`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_bool, check_finite, check_module, check_number
+from .checks import check_bool, check_finite, check_int, check_module, check_number
 from .batches import Batch, evaluating, ids_and_masks
+from .distill import distill
 from .hooks import capture_activations
 from .models import compute_autocast, decoder_layers, glu_projections, model_device, run_for_hooks, stack_configs
 
@@ -433,3 +436,55 @@ def prune_glu_width_with_bias(model: nn.Module, scores: torch.Tensor, mean: torc
     for config in stack_configs(pruned, len(blocks)):
         config.mlp_bias = True
     return pruned
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradual pruning: several smaller cuts, each followed by a short heal
+# ---------------------------------------------------------------------------------------------------
+
+def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], heal_batches: Sequence[Batch],
+                             percent: float, rounds: int = 2, heal_steps: int = 4, method: str = "flap",
+                             refit: bool = True, lr: float = 3e-4, teacher_cache: dict | None = None,
+                             progress: bool = True) -> nn.Module:
+    """Remove `percent` of every block's GLU neurons in `rounds` equal cuts, each followed by `heal_steps`
+    steps of distillation from `model`, and return the pruned, healed copy (`model` is not changed).
+
+    Gradual pruning (Zhu and Gupta 2018): a cut in small steps lets the kept neurons take over before the
+    next cut. Each round measures `activation_statistics` of the current
+    model on `calibration`, scores its neurons with `literature_neuron_importance(method)` ("flap" or
+    "wanda"), keeps the best down to that round's width (the widths step evenly from the full one to
+    `percent` removed), re-fits down_proj on that pass's Gram matrix when `refit` (`refit_down_proj`), and
+    then distills the unpruned `model` into it (`utils.distill.distill`, learning rate `lr`) for
+    `heal_steps` steps on the round's own slice of `heal_batches`, which needs rounds * heal_steps batches.
+    The fair comparison is one cut of `percent` healed for rounds * heal_steps steps on the same batches;
+    `teacher_cache` (a dict) lets both read the teacher's outputs once.
+    """
+    check_module("model", model)
+    percent = check_number("percent", percent, minimum=0.0)
+    if not 0 < percent < 100:
+        raise ValueError(f"`percent` must be between 0 and 100 (the share of neurons removed), got {percent}.")
+    rounds = check_int("rounds", rounds, minimum=1)
+    heal_steps = check_int("heal_steps", heal_steps, minimum=0)
+    if method not in LITERATURE_NEURON_METHODS:
+        raise ValueError(f"Unknown method {method!r}; known: {', '.join(LITERATURE_NEURON_METHODS)}.")
+    check_bool("refit", refit)
+    calibration, heal_batches = list(calibration), list(heal_batches)
+    if not calibration:
+        raise ValueError("`calibration` is empty: each round's scores need at least one calibration batch.")
+    if len(heal_batches) < rounds * heal_steps:
+        raise ValueError(f"`heal_batches` holds {len(heal_batches)} batches; {rounds} rounds of {heal_steps} heal "
+                         f"steps need {rounds * heal_steps}.")
+    blocks = decoder_layers(model)
+    width = glu_projections(blocks[0])[2].in_features
+    hidden_size = stack_configs(model, len(blocks))[0].hidden_size
+    final = target_intermediate_size(width, hidden_size, percent=percent)
+    widths = [round(width - (width - final) * (r + 1) / rounds) for r in range(rounds)]
+    student = model
+    for r, keep in enumerate(tqdm(widths, desc="gradual width pruning", disable=not progress, leave=False)):
+        statistics = activation_statistics(student, calibration, gram=refit, progress=False)
+        scores = literature_neuron_importance(student, statistics, method)
+        student = prune_glu_width(student, scores, intermediate_size=keep, gram=statistics["gram"] if refit else None)
+        if heal_steps:
+            distill(student, model, heal_batches[r * heal_steps:(r + 1) * heal_steps], steps=heal_steps, lr=lr,
+                    progress=False, teacher_cache=teacher_cache)
+    return student
