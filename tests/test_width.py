@@ -285,6 +285,11 @@ def test_gradual_pruning_is_one_cut_in_one_round_and_heals_on_its_own_batches():
                               gram=statistics["gram"])
     one_round = prune_glu_width_in_steps(model, calibration, heal, percent=25, rounds=1, heal_steps=0, progress=False)
     assert torch.equal(_logits(one_cut, ids), _logits(one_round, ids))
+    reused = prune_glu_width_in_steps(model, calibration, heal, percent=25, rounds=1, heal_steps=0,
+                                      statistics=statistics, progress=False)  # the first pass, already made
+    assert torch.equal(_logits(one_cut, ids), _logits(reused, ids))
+    with pytest.raises(ValueError, match="gram"):
+        prune_glu_width_in_steps(model, calibration, heal, percent=25, statistics={"mean": 0, "mean_square": 0})
     unhealed = prune_glu_width_in_steps(model, calibration, heal, percent=50, rounds=2, heal_steps=0, progress=False)
     cache = {}
     healed = prune_glu_width_in_steps(model, calibration, heal, percent=50, rounds=2, heal_steps=2, lr=3e-3,

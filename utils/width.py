@@ -445,7 +445,7 @@ def prune_glu_width_with_bias(model: nn.Module, scores: torch.Tensor, mean: torc
 def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], heal_batches: Sequence[Batch],
                              percent: float, rounds: int = 2, heal_steps: int = 4, method: str = "flap",
                              refit: bool = True, lr: float = 3e-4, teacher_cache: dict | None = None,
-                             progress: bool = True) -> nn.Module:
+                             statistics: dict[str, torch.Tensor] | None = None, progress: bool = True) -> nn.Module:
     """Remove `percent` of every block's GLU neurons in `rounds` equal cuts, each followed by `heal_steps`
     steps of distillation from `model`, and return the pruned, healed copy (`model` is not changed).
 
@@ -457,7 +457,8 @@ def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], hea
     then distills the unpruned `model` into it (`utils.distill.distill`, learning rate `lr`) for
     `heal_steps` steps on the round's own slice of `heal_batches`, which needs rounds * heal_steps batches.
     The fair comparison is one cut of `percent` healed for rounds * heal_steps steps on the same batches;
-    `teacher_cache` (a dict) lets both read the teacher's outputs once.
+    `teacher_cache` (a dict) lets both read the teacher's outputs once. `statistics`, where that pass was
+    already made (`activation_statistics(model, calibration, gram=refit)`), serves the first round.
     """
     check_module("model", model)
     percent = check_number("percent", percent, minimum=0.0)
@@ -471,6 +472,11 @@ def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], hea
     calibration, heal_batches = list(calibration), list(heal_batches)
     if not calibration:
         raise ValueError("`calibration` is empty: each round's scores need at least one calibration batch.")
+    if statistics is not None:
+        missing = [key for key in ("mean", "mean_square") + (("gram",) if refit else ()) if key not in statistics]
+        if missing:
+            raise ValueError(f"`statistics` lacks {missing}: pass activation_statistics(model, calibration, "
+                             f"gram={refit}) of this model.")
     if len(heal_batches) < rounds * heal_steps:
         raise ValueError(f"`heal_batches` holds {len(heal_batches)} batches; {rounds} rounds of {heal_steps} heal "
                          f"steps need {rounds * heal_steps}.")
@@ -481,7 +487,8 @@ def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], hea
     widths = [round(width - (width - final) * (r + 1) / rounds) for r in range(rounds)]
     student = model
     for r, keep in enumerate(tqdm(widths, desc="gradual width pruning", disable=not progress, leave=False)):
-        statistics = activation_statistics(student, calibration, gram=refit, progress=False)
+        if r > 0 or statistics is None:
+            statistics = activation_statistics(student, calibration, gram=refit, progress=False)
         scores = literature_neuron_importance(student, statistics, method)
         student = prune_glu_width(student, scores, intermediate_size=keep, gram=statistics["gram"] if refit else None)
         if heal_steps:
