@@ -21,6 +21,14 @@ def _logits(model, ids):
         return model(input_ids=ids.to(model.device)).logits
 
 
+def _reloads_exactly(model, folder):
+    """Save `model`, load it back with plain from_pretrained, and compare the logits exactly."""
+    model.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).to(model.device)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    return torch.equal(_logits(model, ids), _logits(reloaded, ids))
+
+
 def test_target_sizes_and_rounding():
     assert target_intermediate_size(1536, 576, percent=20) == 1229
     assert target_intermediate_size(1536, 576, percent=20, multiple=64) == 1216
@@ -179,10 +187,7 @@ def test_literature_and_taylor_scores_on_every_family(tiny, tmp_path):
         return
     compensated = prune_glu_width_with_bias(model, scores, statistics["mean"], percent=25)
     assert compensated.config.mlp_bias and not model.config.mlp_bias  # base untouched
-    compensated.save_pretrained(tmp_path / name)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=compensated.dtype).to(compensated.device)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    assert torch.equal(_logits(compensated, ids), _logits(reloaded, ids))
+    assert _reloads_exactly(compensated, tmp_path / name)
 
 
 def test_flap_is_the_fluctuation_and_wanda_the_weighted_norm():
@@ -267,10 +272,7 @@ def test_gradual_pruning_on_every_family(tiny, tmp_path):
                                       progress=False).eval()
     assert pruned.config.intermediate_size == 96 and model.config.intermediate_size == 128
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # the base is untouched
-    pruned.save_pretrained(tmp_path / name)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=pruned.dtype).to(pruned.device)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    assert torch.equal(_logits(pruned, ids), _logits(reloaded, ids))
+    assert _reloads_exactly(pruned, tmp_path / name)
 
 
 def test_gradual_pruning_is_one_cut_in_one_round_and_heals_on_its_own_batches():
