@@ -461,9 +461,9 @@ def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], hea
     already made (`activation_statistics(model, calibration, gram=refit)`), serves the first round.
     """
     check_module("model", model)
-    percent = check_number("percent", percent, minimum=0.0)
-    if not 0 < percent < 100:
-        raise ValueError(f"`percent` must be between 0 and 100 (the share of neurons removed), got {percent}.")
+    blocks = decoder_layers(model)
+    width = glu_projections(blocks[0])[2].in_features
+    final = target_intermediate_size(width, stack_configs(model, len(blocks))[0].hidden_size, percent=percent)
     rounds = check_int("rounds", rounds, minimum=1)
     heal_steps = check_int("heal_steps", heal_steps, minimum=0)
     if method not in LITERATURE_NEURON_METHODS:
@@ -480,10 +480,6 @@ def prune_glu_width_in_steps(model: nn.Module, calibration: Sequence[Batch], hea
     if len(heal_batches) < rounds * heal_steps:
         raise ValueError(f"`heal_batches` holds {len(heal_batches)} batches; {rounds} rounds of {heal_steps} heal "
                          f"steps need {rounds * heal_steps}.")
-    blocks = decoder_layers(model)
-    width = glu_projections(blocks[0])[2].in_features
-    hidden_size = stack_configs(model, len(blocks))[0].hidden_size
-    final = target_intermediate_size(width, hidden_size, percent=percent)
     widths = [round(width - (width - final) * (r + 1) / rounds) for r in range(rounds)]
     student = model
     for r, keep in enumerate(tqdm(widths, desc="gradual width pruning", disable=not progress, leave=False)):
