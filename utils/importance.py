@@ -18,7 +18,7 @@ Padding (attention_mask 0) is never scored.
 Every function runs the model in eval mode under torch.no_grad, restores the training flags it found,
 and removes every hook it registered, also when a forward pass raises. The passes run under
 `utils.models.compute_autocast` like every evaluation pass (bfloat16 matrix products on a CPU with
-bfloat16 units); the scores are computed from the float32 residual stream, outside autocast.
+bfloat16 units); the scores are computed from the residual stream, in its own dtype, outside autocast.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _influence_and_windows(model: nn.Module, batches: Sequence[Batch], sizes: li
 
     tokens = 0
     # bfloat16 matrix products where the CPU has the units (utils.models.compute_autocast); the residual stream the
-    # hooks read stays float32 and the callback's cosines and sums run outside autocast (utils.hooks)
+    # hooks read keeps the model's dtype (float32 there) and the callback's cosines and sums run outside autocast
     with evaluating(model), compute_autocast(model), \
             capture_activations(model, points=("block_in", "block_out"), callback=on_capture):
         for ids, mask in tqdm(prepared, desc="layer importance", disable=not progress, leave=False):
