@@ -75,20 +75,27 @@ def spread_indices(n_layers: int, count: int) -> list[int]:
     return sorted({round(1 + i * (n_layers - 2) / count) for i in range(count)})
 
 
-def build_variants(base: torch.nn.Module, fraction: int, width_percent: float, multiple: int,
+def build_variants(base: torch.nn.Module, fraction: int, width_percent: float, multiples: tuple[int, ...],
                    kept: tuple[str, ...] = ("base", "depth", "width", "bypass", "adaptive")) -> tuple[dict, dict]:
-    """The base model and one variant per transformation named in `kept`, and a description of each."""
+    """The base model and one variant per transformation named in `kept`, and a description of each. Width
+    is pruned once per rounding multiple in `multiples` whose width differs: "width" for the first,
+    "width-<multiple>" for the others (so one process compares the roundings, interleaved)."""
     n_layers = len(decoder_layers(base))
     count = max(1, n_layers // fraction)
     depth_removed = spread_indices(n_layers, count)
     bypassed = spread_indices(n_layers, count)
     current = base.config.intermediate_size
-    width = target_intermediate_size(current, base.config.hidden_size, percent=width_percent, multiple=multiple)
+    widths = {}
+    for number, multiple in enumerate(multiples):
+        width = target_intermediate_size(current, base.config.hidden_size, percent=width_percent, multiple=multiple)
+        if width not in [kept_width for kept_width, _ in widths.values()]:
+            widths["width" if not number else f"width-{multiple}"] = (width, multiple)
     builders = {"base": lambda: base,
                 "depth": lambda: remove_layers(base, depth_removed),
-                "width": lambda: prune_glu_width(base, static_neuron_importance(base, "peak_to_peak"),
-                                                 intermediate_size=width),
                 "bypass": lambda: bypass_attention(base, bypassed)}
+    for name, (width, _) in widths.items():
+        builders[name] = lambda width=width: prune_glu_width(base, static_neuron_importance(base, "peak_to_peak"),
+                                                             intermediate_size=width)
 
     def adaptive() -> torch.nn.Module:
         model = copy.deepcopy(base)
@@ -100,12 +107,15 @@ def build_variants(base: torch.nn.Module, fraction: int, width_percent: float, m
         adaptive_state(model).apply(bypassed)  # the decision the router made at prefill, fixed for the step
         return model
     builders["adaptive"] = adaptive
-    models = {name: build() for name, build in builders.items() if name in kept}  # built one by one, only those asked
+    order = ("base", "depth", *widths, "bypass", "adaptive")
+    # built one by one, only those asked ("width" asks for every rounding)
+    models = {name: builders[name]() for name in order if name.split("-")[0] in kept}
     described = {"base": "unpruned",
                  "depth": f"{count} of {n_layers} blocks removed: {depth_removed}",
-                 "width": f"GLU width {current} -> {width} ({width_percent}% removed, multiple {multiple})",
                  "bypass": f"attention of {count} of {n_layers} blocks bypassed: {bypassed}",
                  "adaptive": f"adaptive router (utils.routing), skip set {bypassed} applied for the step"}
+    for name, (width, multiple) in widths.items():
+        described[name] = f"GLU width {current} -> {width} ({width_percent}% removed, multiple {multiple})"
     return models, described
 
 
@@ -212,7 +222,8 @@ def main() -> None:
                         help="which variants to keep (fewer fit a smaller card: the 8B shape's five need about 70 GB)")
     parser.add_argument("--fraction", type=int, default=4, help="a 1/fraction of blocks removed or bypassed")
     parser.add_argument("--width-percent", type=float, default=40.0)
-    parser.add_argument("--multiple", type=int, default=128, help="rounding multiple of the pruned GLU width")
+    parser.add_argument("--multiple", default="128", help="rounding multiple(s) of the pruned GLU width, comma-separated "
+                        "(each distinct width is a variant: width, width-<multiple>)")
     parser.add_argument("--glu-widths", default="14336,8602,8576,8704,8192,7168")
     parser.add_argument("--prefill", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
@@ -277,10 +288,11 @@ def main() -> None:
 
     base = load()
     kept = args.variants.split(",")
+    multiples = tuple(int(m) for m in args.multiple.split(","))
 
     def variants(base: torch.nn.Module) -> tuple[dict, dict]:
         """build_variants, keeping only --variants (the others freed at once)."""
-        return build_variants(base, args.fraction, args.width_percent, args.multiple, tuple(kept))
+        return build_variants(base, args.fraction, args.width_percent, multiples, tuple(kept))
 
     models, described = variants(base)
     result["shape"] = architecture_summary(base.config)
@@ -343,9 +355,9 @@ def main() -> None:
                     save(f"compiled {scope}", {"error": repr(error)})
                     continue
             section = "compiled" if scope == "pieces" else f"compiled {scope}"
-            # a whole-model compile keeps the hooks it was traced with, so the adaptive model (its router is a
-            # hook) cannot be captured that way: compile_blocks refuses it, and the section leaves it out
-            chosen = {name: model for name, model in models.items() if scope == "pieces" or name != "adaptive"}
+            # a whole-model compile runs the adaptive model's captured step (hooks suspended) as the compiled
+            # graph of the skip set it holds
+            chosen = dict(models)
 
             def compiled(scope=scope, chosen=chosen):
                 for model in chosen.values():

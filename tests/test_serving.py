@@ -21,6 +21,7 @@ from utils.serving import (
     copy_bandwidth,
     decode_attention,
     decode_attention_matmul,
+    has_forward_hooks,
     prefill_report,
     python_hooks_suspended,
     relation_to_ideal,
@@ -181,13 +182,6 @@ def test_bad_inputs(llama, cpu_llama):
         compile_blocks(llama, "reduce-overhead")  # its CUDA graphs would nest inside the step's own
     with pytest.raises(ValueError, match="scope"):
         compile_blocks(llama, scope="layers")
-    handle = decoder_layers(llama)[0].register_forward_hook(lambda *args: None)
-    try:  # a whole-model graph would keep the hook for good: refused, and nothing compiled
-        with pytest.raises(ValueError, match="hooks"):
-            compile_blocks(llama, scope="model")
-        assert "forward" not in vars(llama)
-    finally:
-        handle.remove()
     with pytest.raises(ValueError, match="megabytes"):
         copy_bandwidth("cpu", 0)
     assert copy_bandwidth("cpu", 8, repeats=2) > 0
@@ -211,3 +205,35 @@ def test_compile_blocks_whole_model_keeps_the_step_exact():
     exact = next(model.parameters()).dtype == torch.float32  # the GPU lane runs bf16 and fp16: fused kernels round
     tolerance = dict(rtol=1e-4, atol=1e-4) if exact else dict(rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(step().float(), reference.float(), **tolerance)
+
+
+def test_whole_model_compile_runs_hooks_eagerly_and_captures_an_adaptive_step():
+    # a compiled graph ignores hooks added after tracing, so the whole-model compile runs the eager forward
+    # whenever a hook is on (an adaptive router at prefill acts), and the compiled graph when none is (a
+    # served step, captured with the hooks suspended): the adaptive model's step keeps its skip set's logits
+    from torch._dynamo.utils import counters
+
+    model = load_model("tiny-llama")[0]
+    adaptive = adaptive_copy(model, [1])
+    reference = served_decode_step(adaptive, batch_size=2, context=8, mode="eager")().clone()
+    compile_blocks(adaptive, "default", scope="model")
+    assert has_forward_hooks(adaptive) and not has_forward_hooks(model)
+    ids = torch.tensor([[1, 2, 3]], device=model_device(adaptive))
+    calls = []
+    handle = decoder_layers(adaptive)[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        compiled_before = counters["stats"]["unique_graphs"]
+        adaptive(input_ids=ids)  # eager: the router routes this prompt and the extra hook runs
+        assert calls == [1] and adaptive_state(adaptive).last_profiles == ["p"]
+        assert counters["stats"]["unique_graphs"] == compiled_before  # nothing traced while hooks are on
+    finally:
+        handle.remove()
+    adaptive_state(adaptive).apply([1])
+    with python_hooks_suspended(adaptive):  # on the CPU the step is eager: run it the way a capture does
+        step = served_decode_step(adaptive, batch_size=2, context=8, mode="auto")
+        logits = step().float()
+    assert counters["stats"]["unique_graphs"] > compiled_before  # the step ran the compiled graph
+    exact = next(adaptive.parameters()).dtype == torch.float32
+    tolerance = dict(rtol=1e-4, atol=1e-4) if exact else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(logits, reference.float(), **tolerance)
+    assert has_forward_hooks(adaptive)  # the router's hooks are back

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import statistics
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -319,10 +319,11 @@ def served_decode_step(model: nn.Module, batch_size: int = 1, context: int = 128
     tokens: the same work every call, and a real greedy step. `mode="graph"` captures the step as a CUDA
     graph after warm-up (a call replays it); `"eager"` runs the model each call; `"auto"` is graph on a
     CUDA device and eager elsewhere. `attention="decode"` uses `decode_attention` (the cache read once),
-    `"matmul"` `decode_attention_matmul` (the same as two matrix products), `"sdpa"` transformers' own. The model runs as it is now: an adaptive model (`utils.routing`) keeps the
-    skip set it holds (apply one first), since a filled cache makes its router decide nothing (its hooks
-are suspended while the graph is captured: `python_hooks_suspended`). The callable
-    carries `.mode`, `.cache`, `.logits` and `.tokens` (the next input).
+    `"matmul"` `decode_attention_matmul` (the same as two matrix products), `"sdpa"` transformers' own.
+    The model runs as it is now: an adaptive model (`utils.routing`) keeps the skip set it holds (apply one
+    first), since a filled cache makes its router decide nothing (in graph mode its hooks are suspended for
+    the warm-up and the capture: `python_hooks_suspended`). The callable carries `.mode`, `.cache`,
+    `.logits` and `.tokens` (the next input).
     """
     check_step_arguments(batch_size, context, mode, attention)
     device = model_device(model)
@@ -351,7 +352,10 @@ are suspended while the graph is captured: `python_hooks_suspended`). The callab
         tokens.copy_(out[:, -1:].argmax(-1))
         return logits
 
-    with attention_implementation(model, implementation):
+    # a captured step runs no Python, so its warm-up runs as it will: without hooks (a whole-model compile then
+    # compiles here, not inside the capture)
+    with attention_implementation(model, implementation), \
+            (python_hooks_suspended(model) if mode == "graph" else nullcontext()):
         forward()  # allocates what the step needs once, outside any capture
         if mode == "graph":
             stream = torch.cuda.Stream(device)
@@ -361,7 +365,7 @@ are suspended while the graph is captured: `python_hooks_suspended`). The callab
                     forward()
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with python_hooks_suspended(model), torch.cuda.graph(graph):
+            with torch.cuda.graph(graph):
                 forward()
 
     if mode == "graph":
@@ -381,6 +385,11 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("pieces", "model")
 
 
+def has_forward_hooks(model: nn.Module) -> bool:
+    """Whether `model` or any submodule holds a forward (pre-)hook: an adaptive router, a capture, a probe."""
+    return any(getattr(module, table, None) for module in model.modules() for table in HOOK_TABLES)
+
+
 def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs", scope: str = "pieces") -> nn.Module:
     """Compile `model` in place with `torch.compile`'s `mode`, by pieces of each block or as a whole; returns it.
 
@@ -388,12 +397,15 @@ def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs", s
     projections); attention, rotary embedding, residual additions and cache writes stay eager, and blocks of
     one shape share the code. `scope="model"` compiles the whole `forward` as one graph, as transformers and
     gpt-fast compile a static-cache decoder, so Inductor also fuses the rotary embedding, the residual
-    additions and the query/key/value products that share an input; it compiles longer, and it refuses a
-    model with forward hooks (an adaptive model's router, a capture), because a compiled graph keeps the hooks
-    it was traced with and ignores later changes, so `python_hooks_suspended` could not lift them for a CUDA
-    graph. With "max-autotune-no-cudagraphs" each matrix-vector product's kernel is picked by timing; the
-    graph of a `served_decode_step` built afterwards replays the compiled kernels (the graph is ours, hence no
-    "cudagraphs" in the mode). Compilation happens at the first call.
+    additions and the query/key/value products that share an input; it compiles longer. A compiled graph
+    keeps the hooks it was traced with and ignores later ones, so the whole-model graph runs only while the
+    model holds no forward hook (`has_forward_hooks`); a call with hooks (an adaptive model's router at
+    prefill, a capture) runs the eager forward, and the hooks act. A served decode step captures with the
+    hooks suspended (`python_hooks_suspended`), so an adaptive model's step runs the compiled graph of the
+    skip set it holds; another skip set swaps block classes and makes torch.compile trace once more. With
+    "max-autotune-no-cudagraphs" each matrix-vector product's kernel is picked by timing; the graph of a
+    `served_decode_step` built afterwards replays the compiled kernels (the graph is ours, hence no
+    "cudagraphs" in the mode). Compilation happens at the first call without hooks.
     """
     check_module("model", model)
     if mode not in COMPILE_MODES:
@@ -401,12 +413,12 @@ def compile_blocks(model: nn.Module, mode: str = "max-autotune-no-cudagraphs", s
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"`scope` must be one of {COMPILE_SCOPES}, got {scope!r}.")
     if scope == "model":
-        hooked = sorted({type(module).__name__ for module in model.modules()
-                         if any(getattr(module, table, None) for table in HOOK_TABLES)})
-        if hooked:
-            raise ValueError(f"scope='model' compiles a model's hooks into its graph, and this model has forward hooks "
-                             f"on {hooked} (an adaptive router, a capture?): remove them first or use scope='pieces'.")
-        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        eager = model.forward
+        compiled = torch.compile(eager, mode=mode, dynamic=False)
+
+        def forward(*args, **kwargs):
+            return eager(*args, **kwargs) if has_forward_hooks(model) else compiled(*args, **kwargs)
+        model.forward = forward
         return model
     for block in decoder_layers(model):
         for name, child in block.named_children():
