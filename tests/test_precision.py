@@ -71,41 +71,16 @@ def test_a_low_precision_model_keeps_its_own(monkeypatch, model_and_tokenizer):
     assert autocast_dtype(model, "auto") == torch.bfloat16  # its own dtype, as before
 
 
-def test_a_lora_model_computes_in_bf16_with_its_update_summed_in_float32(monkeypatch, model_and_tokenizer):
-    # under bf16 autocast a LoRA layer's base output is bf16, and peft adds the adapter's update to it in that
-    # dtype: a small update is rounded away. Under the course's autocast the sum is float32, the hooks that
-    # make it so are gone afterwards, and the products stay bf16
-    import copy
-
+def test_a_lora_model_keeps_float32(monkeypatch, model_and_tokenizer):
     from peft import get_peft_model
 
     from utils.specialize import lora_config
 
     model, _ = model_and_tokenizer
     monkeypatch.setenv("REARCH_CPU_AUTOCAST", "bf16")
-    adapted = get_peft_model(copy.deepcopy(model), lora_config(model, "all-linear", rank=2))
-    assert cpu_autocast_dtype(adapted) == torch.bfloat16 and autocast_dtype(adapted, "auto") == torch.bfloat16
-    layer = next(m for m in adapted.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
-    x = torch.randn(3, layer.in_features)
-    with torch.no_grad():
-        for name, parameter in layer.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.full_like(parameter, 1e-5))  # an update far below one bf16 step of the output
-        exact = layer(x) - layer.base_layer(x)  # float32, outside autocast
-
-        def update_error(output, base):  # how far the update the layer applied is from the exact one
-            return float((output.float() - base.float() - exact).norm() / exact.norm())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert update_error(layer(x), layer.base_layer(x)) > 0.5  # peft's bf16 sum: most of it rounded away
-        with compute_autocast(adapted):
-            summed, base = layer(x), layer.base_layer(x)
-        assert summed.dtype == torch.float32
-        assert update_error(summed, base) < 0.02  # the update kept
-    assert not any(m._forward_hooks for m in adapted.modules())
-    with linear_output_dtypes(adapted) as seen, torch.no_grad(), compute_autocast(adapted):
-        adapted(input_ids=torch.tensor([[1, 2, 3]]))
-    assert torch.bfloat16 in seen  # the products (the adapter's and those outside the LoRA layers) stay bf16
-    assert cpu_autocast_dtype(adapted.merge_and_unload()) == torch.bfloat16
+    adapted = get_peft_model(model, lora_config(model, "all-linear", rank=2))
+    assert cpu_autocast_dtype(adapted) is None and autocast_dtype(adapted, "auto") is None
+    assert cpu_autocast_dtype(adapted.merge_and_unload()) == torch.bfloat16  # merged: a plain model again
 
 
 def test_evaluation_runs_in_bf16_and_stays_close(monkeypatch, model_and_tokenizer):

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -665,10 +665,10 @@ def cpu_autocast_dtype(model: nn.Module) -> torch.dtype | None:
 
     The environment variable REARCH_CPU_AUTOCAST decides: "auto" (the default) where the processor has
     bfloat16 units (`cpu_has_bf16_units`), "bf16" always, "off" never. Only a float32 model on the CPU
-    qualifies: a model on a GPU or already in a low-precision dtype keeps its own precision. A model with
-    LoRA adapters (peft) qualifies too, under `autocast_context`, which adds each adapter's small update to
-    its layer's output in float32 (in bfloat16 that sum rounds much of the update away: CH06's base
-    specialist after 32 steps classified 0.60 of the test messages right instead of 0.85). The weights
+    qualifies: a model on a GPU or already in a low-precision dtype keeps its own precision, and so does a
+    model with LoRA adapters (peft): in bfloat16 the sum of a block's output and the adapter's small update
+    rounds much of the update away (measured: CH06's base specialist after 32 steps classified 0.60 of the
+    test messages right instead of 0.85), so adapters train and are evaluated in float32. The weights
     stay float32 (autocast runs the matrix products in bfloat16 and keeps softmax, norms and losses in
     float32); the course's evaluation passes (`utils.evaluation.batch_nll`, `run_lm_eval`,
     `utils.specialize.answer_logprobs`), the calibration passes that average statistics through hooks
@@ -684,6 +684,8 @@ def cpu_autocast_dtype(model: nn.Module) -> torch.dtype | None:
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not on or model_device(model).type != "cpu" or floating != {torch.float32}:
         return None
+    if getattr(model, "peft_config", None):  # LoRA adapters: their small update would be rounded away (above)
+        return None
     return torch.bfloat16
 
 
@@ -695,53 +697,11 @@ def _cpu_autocast_on() -> bool:
     return mode == "bf16" or (mode == "auto" and cpu_has_bf16_units())
 
 
-def _float32_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook of `adapter_sums_in_float32`: the base layer's low-precision output as float32."""
-    return output.float() if output.is_floating_point() and output.dtype != torch.float32 else output
-
-
-@contextlib.contextmanager
-def adapter_sums_in_float32(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, each LoRA layer (peft) of `model` with float32 base weights adds its adapter's update
-    to a float32 output of its base layer; the hooks that do it are removed on leaving.
-
-    Under bfloat16 autocast a linear layer's output is bfloat16, and peft adds the adapter's update to it
-    and keeps that dtype: an update smaller than half a bfloat16 step of the output (one part in 256) is
-    rounded away, which is most of a young adapter's. With the base output turned to float32 first, the
-    sum keeps the update, and the layer hands a float32 tensor on, as a float32 model's layers do. The
-    matrix products themselves stay in bfloat16. A model without LoRA layers is left as it is.
-    """
-    check_module("model", model)
-    handles = []
-    try:
-        for module in model.modules():
-            base = getattr(module, "base_layer", None)
-            weight = getattr(base, "weight", None)
-            if hasattr(module, "lora_A") and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32:
-                handles.append(base.register_forward_hook(_float32_output))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def autocast_context(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
-    """Autocast to `dtype` on `model`'s device inside the block, with LoRA adapters summed in float32
-    (`adapter_sums_in_float32`); with `dtype` None the block runs as it is."""
-    check_module("model", model)
-    if dtype is None:
-        yield model
-        return
-    with adapter_sums_in_float32(model), torch.autocast(model_device(model).type, dtype=dtype):
-        yield model
-
-
 def compute_autocast(model: nn.Module) -> contextlib.AbstractContextManager:
     """The context the course's evaluation passes run a model's forward under: bfloat16 autocast on the
-    CPU where `cpu_autocast_dtype(model)` says so (LoRA adapters summed in float32: `autocast_context`),
-    else a context that changes nothing."""
-    return autocast_context(model, cpu_autocast_dtype(model))
+    CPU where `cpu_autocast_dtype(model)` says so, else a context that changes nothing."""
+    dtype = cpu_autocast_dtype(model)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def compute_precision() -> str:

@@ -11,8 +11,8 @@ Precision: a model loaded in float16 or bfloat16 (what `utils.models.load_model`
 trained with float32 master weights and autocast in its own dtype, float16 with dynamic loss scaling
 (torch.amp.GradScaler), so a T4 (float16) trains the same recipe as an H100 (bfloat16) or a CPU (float32).
 The trainable parameters go back to the model's dtype at the end. A float32 model on a CPU with bfloat16
-units trains under bfloat16 autocast (`utils.models.cpu_autocast_dtype`; about 1.6x faster a step there); a
-LoRA adapter's update is then added to its layer's output in float32 (`utils.models.autocast_context`).
+units trains under bfloat16 autocast (`utils.models.cpu_autocast_dtype`; about 1.6x faster a step there), a
+model with LoRA adapters excepted.
 `mixed_precision` can also ask for autocast on a float32 model ("bf16", "fp16") or for none at all ("no").
 
 With an `accelerate.Accelerator`, the model is wrapped for several processes (DDP or FSDP), each process
@@ -33,7 +33,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .batches import Batch, batch_stream, check_batches, to_device, token_counts
 from .checks import check_callable, check_int, check_number, check_optional_int
-from .models import autocast_context, cpu_autocast_dtype, model_device
+from .models import cpu_autocast_dtype, model_device
 from .speed import stopwatch
 
 if TYPE_CHECKING:
@@ -182,7 +182,9 @@ def train(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, steps:
     def autocast():
         if accelerator is not None:
             return accelerator.autocast()
-        return autocast_context(model, compute_dtype)  # LoRA adapters summed in float32 (utils.models)
+        if compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=compute_dtype)
 
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
