@@ -378,6 +378,7 @@ ROWS = [
     Row("serving.filled_static_cache", lambda c: serving.filled_static_cache(c.model, 1, 200, 100), ValueError, "context"),
     Row("serving.prefill_report", lambda c: serving.prefill_report({}, tokens=16), ValueError, "models"),
     Row("serving.python_hooks_suspended", lambda c: serving.python_hooks_suspended("model").__enter__(), TypeError, "model"),
+    Row("serving.has_forward_hooks", lambda c: serving.has_forward_hooks("model"), TypeError, "model"),
     Row("serving.register_decode_attention", lambda c: serving.register_decode_attention(matmul="yes"), TypeError, "matmul"),
     Row("serving.relation_to_ideal", lambda c: serving.relation_to_ideal(1.0, 0.0), ValueError, "ideal"),
     Row("serving.running_attention_blocks", lambda c: serving.running_attention_blocks("model"), TypeError, "model"),

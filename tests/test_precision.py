@@ -19,7 +19,9 @@ from utils.training import autocast_dtype, train
 
 @pytest.fixture
 def model_and_tokenizer():
-    return models.load_model("tiny-llama")
+    # a float32 model on the CPU, whatever the lane (the GPU lane's REARCH_DEVICE and REARCH_DTYPE): these tests are
+    # about the CPU's autocast, which a model on a GPU or in a low-precision dtype never takes
+    return models.load_model("tiny-llama", device="cpu", dtype="fp32")
 
 
 @contextlib.contextmanager

@@ -387,6 +387,7 @@ COMPILE_SCOPES = ("pieces", "model")
 
 def has_forward_hooks(model: nn.Module) -> bool:
     """Whether `model` or any submodule holds a forward (pre-)hook: an adaptive router, a capture, a probe."""
+    check_module("model", model, allow_meta=True)
     return any(getattr(module, table, None) for module in model.modules() for table in HOOK_TABLES)
 
 
