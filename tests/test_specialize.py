@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from utils.data import load_labeled
+from utils.evaluation import model_fingerprint
 from utils.models import tiny_model
 from utils.specialize import (ANSWERS, EXTRACT_KEYS, Example, adapter_size_bytes, answer_logprobs, answer_loss,
                               answer_token_ids, check_extraction, classification_scores, classify,
@@ -212,6 +214,45 @@ def test_anchor_keeps_the_prompt_predictions_of_the_model_without_adapter(llama)
     assert drift[10.0] < 0.7 * drift[0.0], drift
     with pytest.raises(ValueError, match="needs a peft model"):
         answer_loss(tiny_model("tiny-llama")[0], batch, anchor_weight=1.0)
+
+
+def test_reference_cache_trains_the_same_and_runs_the_frozen_model_once_per_batch(llama):
+    # the anchor's reference (the model without adapter) is the same for every adapter trained on one frozen model:
+    # with a shared cache, two runs of four steps over the batches run it once per batch, and train exactly as without it
+    _, tokenizer = llama
+    batches = training_batches(tokenizer, _examples(), batch_size=2)
+    assert 2 <= len(batches) < 4
+    frozen = tiny_model("tiny-llama", seed=0)[0]
+
+    def run(cache, steps, rank):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(copy.deepcopy(frozen), lora_config(frozen, "all-linear", rank=rank))
+        calls = []
+        handle = peft_model.get_base_model().model.register_forward_hook(
+            lambda module, args, output: calls.append(output.last_hidden_state.requires_grad))
+        try:
+            history = finetune(peft_model, batches, steps=steps, lr=1e-2, anchor_weight=1.0, anchor_tokens=4,
+                               progress=False, reference_cache=cache)
+        finally:
+            handle.remove()
+        frozen_passes = calls.count(False)  # the reference passes run without gradients
+        return [row["loss"] for row in history.train], frozen_passes
+
+    # a second adapter of another configuration (attention only) on the same frozen model shares the cache
+    assert (model_fingerprint(get_peft_model(copy.deepcopy(frozen), lora_config(frozen, "all-linear", rank=2)), False)
+            == model_fingerprint(get_peft_model(copy.deepcopy(frozen), lora_config(frozen, "attention", rank=8)), False))
+    plain = [run(None, 4, 2), run(None, 4, 4)]
+    cache = {}
+    cached = [run(cache, 4, 2), run(cache, 4, 4)]
+    assert [losses for losses, _ in cached] == [losses for losses, _ in plain]  # exactly the same training
+    assert [passes for _, passes in plain] == [4, 4] and [passes for _, passes in cached] == [len(batches), 0]
+    with pytest.raises(ValueError, match="another frozen model"):  # another frozen model: refused
+        other = tiny_model("tiny-llama", seed=1)[0]
+        finetune(get_peft_model(other, lora_config(other, "all-linear", rank=2)), batches, steps=1, anchor_weight=1.0,
+                 anchor_tokens=4, progress=False, reference_cache=cache)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        finetune(get_peft_model(copy.deepcopy(frozen), lora_config(frozen, "all-linear", rank=2)), batches, steps=1,
+                 progress=False, reference_cache={})
 
 
 @pytest.mark.parametrize("dora", [False, True])

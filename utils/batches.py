@@ -105,6 +105,14 @@ def token_counts(batch: Batch) -> tuple[int, int]:
     return int(mask.sum()), int((mask[:, 1:] & mask[:, :-1]).sum())
 
 
+def batch_key(batch: Batch, with_labels: bool = False) -> bytes:
+    """The identity of a batch by content: the shapes and values of its token ids and attention mask (and of
+    its labels with `with_labels`), as bytes a cache can use as a key."""
+    parts = [batch["input_ids"], batch.get("attention_mask")] + ([batch.get("labels")] if with_labels else [])
+    return b"|".join(b"none" if t is None else repr(tuple(t.shape)).encode() + t.detach().to("cpu", torch.int64).numpy().tobytes()
+                     for t in parts)
+
+
 def batch_stream(batches: Sequence[Batch], shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
     """Cycle through the batches forever; with `shuffle`, in a new seeded order on every pass."""
     seed = check_int("seed", seed)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import Batch, check_batches, check_disjoint, to_device, token_counts
+from .batches import Batch, batch_key, check_batches, check_disjoint, to_device, token_counts
 from .checks import check_callable, check_indices, check_int, check_module, check_tensor
 from .evaluation import model_fingerprint
 from .models import decoder_layers, model_device
@@ -286,13 +286,6 @@ def logits_from_final_state(model: nn.Module, final_state: torch.Tensor) -> torc
     return logits
 
 
-def _batch_key(batch: Batch) -> bytes:
-    """The identity of a batch by content: its token ids and attention mask (shape and values)."""
-    parts = [batch["input_ids"], batch.get("attention_mask")]
-    return b"|".join(b"none" if t is None else repr(tuple(t.shape)).encode() + t.detach().to("cpu", torch.int64).numpy().tobytes()
-                     for t in parts)
-
-
 def _teacher_outputs(teacher: nn.Module, batch: Batch, layer_map: Mapping[int, int] | None,
                      teacher_cache: dict | None) -> tuple[torch.Tensor, Sequence[torch.Tensor | None] | None]:
     """The teacher's logits on `batch` and, with a layer map, its hidden states (None where not mapped).
@@ -308,7 +301,7 @@ def _teacher_outputs(teacher: nn.Module, batch: Batch, layer_map: Mapping[int, i
         with torch.no_grad():
             out = _forward(teacher, batch, hidden)
         return out.logits, (out.hidden_states if hidden else None)
-    key = _batch_key(batch)
+    key = batch_key(batch)
     needed = sorted(set(layer_map.values())) if hidden else []
     stored = teacher_cache.get(key)
     if stored is None or any(index not in stored["states"] for index in needed):

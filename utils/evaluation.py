@@ -123,20 +123,29 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, window: int = 512, str
 _PERPLEXITY_CODE = hashlib.sha256((inspect.getsource(perplexity) + inspect.getsource(batch_nll)).encode()).hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, include_trainable: bool = True) -> str:
     """A SHA-256 of everything that decides a model's outputs: class, config, and every parameter and buffer.
 
     Names, shapes, dtypes and bytes of the state dict enter the hash, so two models share a fingerprint
     only when they compute the same function (a pruned, trained or re-cast model gets a new one). Reading
-    the weights costs about a second for a 135M model.
+    the weights costs about a second for a 135M model. `include_trainable=False` leaves out the parameters
+    that require gradients and reads the names without peft's `.base_layer` wrapping: for a peft model in
+    training, the fingerprint of the frozen model under its adapter, the same while the adapter learns and
+    for adapters of any configuration on that frozen model.
     """
     check_module("model", model)
+    check_bool("include_trainable", include_trainable)
+    trainable = set() if include_trainable else {name for name, p in model.named_parameters() if p.requires_grad}
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
     for name, tensor in model.state_dict().items():
+        if name in trainable:
+            continue
+        if not include_trainable:
+            name = name.replace(".base_layer", "")
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b"")

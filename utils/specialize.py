@@ -44,12 +44,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import check_int, check_module, check_number, check_optional_int, check_positive_int, check_str, check_tensor
-from .batches import Batch, check_batches, pad_rows, pad_token_id
+from .batches import Batch, batch_key, check_batches, pad_rows, pad_token_id
 from .data import bos_ids, load_labeled
-from .distill import kd_loss, next_token_loss
-from .evaluation import perplexity, run_lm_eval
+from .distill import kd_loss, logits_from_final_state, next_token_loss
+from .evaluation import model_fingerprint, perplexity, run_lm_eval
 from .models import cache_argument_name, compute_autocast, decoder_layers, model_device, output_cache
-from .training import EvalFn, TrainingHistory, check_training_arguments, train
+from .training import EvalFn, TrainingHistory, autocast_dtype, check_training_arguments, train
 
 SMS_TASKS = ("classify", "extract")
 ANSWERS = ("ham", "spam")
@@ -223,7 +223,8 @@ def training_batches(tokenizer, examples: Sequence[Example], batch_size: int = 8
     return batches
 
 
-def answer_loss(model: nn.Module, batch: Batch, anchor_weight: float = 0.0, anchor_tokens: int = 32) -> torch.Tensor:
+def answer_loss(model: nn.Module, batch: Batch, anchor_weight: float = 0.0, anchor_tokens: int = 32,
+                reference_cache: dict | None = None) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of a left-padded batch (from `training_batches`), plus,
     with `anchor_weight` > 0, that weight times a KL anchor to the model without its adapter.
 
@@ -234,6 +235,9 @@ def answer_loss(model: nn.Module, batch: Batch, anchor_weight: float = 0.0, anch
     template): the adapter is free to change the answers but pays for changing how the model reads
     ordinary text. It needs a peft model and one more forward pass (without gradients) per batch; a few
     positions keep its cost low, since every position anchored needs logits over the whole vocabulary.
+    With `reference_cache` (a dict the caller keeps; `finetune` checks what fills it) that pass runs once
+    per batch: its final hidden state is kept, and a later call on the same batch computes the reference
+    logits from it with the output embedding alone (`utils.distill.logits_from_final_state`).
     """
     check_module("model", model)
     anchor_weight = check_number("anchor_weight", anchor_weight, minimum=0.0)
@@ -257,12 +261,46 @@ def answer_loss(model: nn.Module, batch: Batch, anchor_weight: float = 0.0, anch
     mask, labels = attention_mask[:, -keep:], labels[:, -keep:]
     loss = next_token_loss(logits, labels, mask)
     if anchor_weight > 0:
-        with torch.no_grad(), model.disable_adapter():
-            reference = model(**inputs).logits
+        reference = anchor_reference(model, batch, inputs, keep, reference_cache)
         predicts_prompt = torch.zeros_like(mask, dtype=torch.bool)  # position t predicts token t+1
         predicts_prompt[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool() & (labels[:, 1:] == -100)
         loss = loss + anchor_weight * kd_loss(logits, reference, predicts_prompt, temperature=1.0)
     return loss
+
+
+def anchor_reference(model: nn.Module, batch: Batch, inputs: Mapping[str, torch.Tensor], keep: int,
+                     reference_cache: dict | None = None) -> torch.Tensor:
+    """The logits of `model` with its peft adapter disabled on the last `keep` positions of `inputs` (the
+    anchor's reference in `answer_loss`), without gradients.
+
+    With `reference_cache`, the first call on a batch (keyed by its content, labels included, and `keep`)
+    stores the final hidden state of those positions, after checking once that the output embedding of it
+    reproduces the logits exactly; later calls return the output embedding of the stored state, the same
+    logits without running the blocks.
+    """
+    check_module("model", model)
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("model must be a peft model: the anchor's reference is the model with its adapter disabled.")
+    check_int("keep", keep, minimum=1)
+    if reference_cache is not None and not isinstance(reference_cache, dict):
+        raise TypeError(f"reference_cache must be a dict (start with {{}}) or None, got {type(reference_cache).__name__}.")
+    with torch.no_grad(), model.disable_adapter():
+        if reference_cache is None:
+            return model(**inputs).logits
+        key = (batch_key(batch, with_labels=True), keep)
+        stored = reference_cache.get(key)
+        if stored is not None:
+            return logits_from_final_state(model, stored)
+        out = model(**inputs, output_hidden_states=True)
+        final = out.hidden_states[-1][:, -keep:]
+        if not reference_cache.get("checked"):
+            if not torch.equal(logits_from_final_state(model, final), out.logits):
+                raise ValueError(f"reference_cache cannot be used with this model ({type(model).__name__}): its "
+                                 "logits are not its output embedding of its final hidden state. Pass "
+                                 "reference_cache=None.")
+            reference_cache["checked"] = True
+        reference_cache[key] = final
+        return out.logits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,7 +385,8 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
              grad_accum: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
              max_grad_norm: float | None = 1.0, eval_fn: EvalFn | None = None, eval_every: int | None = None,
              anchor_weight: float = 0.0, anchor_tokens: int = 32, shuffle: bool = True, seed: int = 0,
-             mixed_precision: str = "auto", progress: bool = True, desc: str = "finetune") -> TrainingHistory:
+             mixed_precision: str = "auto", progress: bool = True, desc: str = "finetune",
+             reference_cache: dict | None = None) -> TrainingHistory:
     """Train the parameters of `model` that require gradients on the answer loss; return the history.
 
     Meant for a peft model (only the adapter trains), it works on any model. The training loop is
@@ -361,16 +400,34 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
     accuracy) runs before training, every `eval_every` steps and at the end, in eval mode without
     gradients. Train rows of the history hold step, loss, lr, grad_norm, answer tokens seen, train_s
     (seconds spent in training steps, evaluations excluded) and elapsed_s. The model is left in eval mode.
+
+    `reference_cache`: a dict (empty at first) that keeps the anchor's reference per batch
+    (`anchor_reference`), so that several adapters trained on the same frozen model and batches (a
+    comparison of configurations, a longer run beside a shorter one) run the model without adapter once
+    per batch. The training is the same as without it. A dict filled from another frozen model (weights,
+    device, precision) or another `anchor_tokens` is refused; it costs one final hidden state per batch.
     """
     check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
     check_number("anchor_weight", anchor_weight, minimum=0.0)
     check_int("anchor_tokens", anchor_tokens, minimum=1)
+    if reference_cache is not None:
+        if not isinstance(reference_cache, dict):
+            raise TypeError(f"reference_cache must be a dict (start with {{}}) or None, got {type(reference_cache).__name__}.")
+        if anchor_weight == 0:
+            raise ValueError("reference_cache keeps the anchor's reference, and anchor_weight is 0: set "
+                             "anchor_weight > 0 or leave reference_cache=None.")
+        # one cache, one frozen model computed one way: its weights without the adapter, device and precision
+        identity = (model_fingerprint(model, include_trainable=False), str(model_device(model)),
+                    str(autocast_dtype(model, mixed_precision)), anchor_tokens)
+        if reference_cache.setdefault("reference", identity) != identity:
+            raise ValueError("reference_cache holds references computed another way (another frozen model, device "
+                             "or precision, or another anchor_tokens): pass a new dict.")
     train_batches = check_batches(train_batches, "train_batches", min_real_tokens=2)
     if any("labels" not in batch for batch in train_batches):
         raise ValueError("Every training batch needs 'labels' (-100 except on answer tokens); see training_batches.")
 
     def loss_fn(trained: nn.Module, batch: Batch) -> torch.Tensor:
-        return answer_loss(trained, batch, anchor_weight, anchor_tokens)
+        return answer_loss(trained, batch, anchor_weight, anchor_tokens, reference_cache)
 
     return train(model, train_batches, loss_fn, steps=steps, lr=lr, grad_accum=grad_accum, warmup_steps=warmup_steps,
                  weight_decay=weight_decay, max_grad_norm=max_grad_norm, eval_fn=eval_fn, eval_every=eval_every,
