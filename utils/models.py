@@ -668,10 +668,10 @@ def cpu_autocast_dtype(model: nn.Module) -> torch.dtype | None:
     qualifies: a model on a GPU or already in a low-precision dtype keeps its own precision, and so does a
     model with LoRA adapters (peft): in bfloat16 the sum of a block's output and the adapter's small update
     rounds much of the update away (measured: CH06's base specialist after 32 steps classified 0.60 of the
-    test messages right instead of 0.85), so adapters train and are evaluated in float32. Adding the update
-    to a float32 copy of each LoRA layer's output (a forward hook on its base layer, tried 2026-12-07) did
-    not save it: the chapter's pruned specialist then reached 0.70 instead of 0.92, the base one 0.80. The weights
-    stay float32 (autocast runs the matrix products in bfloat16 and keeps softmax, norms and losses in
+    test messages right instead of 0.85), so adapters train and are evaluated in float32. Adding the
+    update to a float32 copy of each LoRA layer's output (a forward hook on its base layer, tried
+    2026-12-07) did not save it: the chapter's pruned specialist then reached 0.70 instead of 0.92, the
+    base one 0.80. The weights stay float32 (autocast runs the matrix products in bfloat16 and keeps softmax, norms and losses in
     float32); the course's evaluation passes (`utils.evaluation.batch_nll`, `run_lm_eval`,
     `utils.specialize.answer_logprobs`), the calibration passes that average statistics through hooks
     (`utils.importance.layer_importance`, `sublayer_importance`, `utils.width.activation_statistics`; the
