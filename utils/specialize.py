@@ -406,16 +406,16 @@ def finetune(model: nn.Module, train_batches: Sequence[Batch], *, steps: int, lr
     comparison of configurations, a longer run beside a shorter one) run the model without adapter once
     per batch. The training is the same as without it. A dict filled from another frozen model (weights,
     device, precision) or another `anchor_tokens` is refused; it costs one final hidden state per batch.
+    With `anchor_weight` 0 there is no reference, and the dict is left untouched.
     """
     check_training_arguments(steps, lr, grad_accum, warmup_steps, eval_every, max_grad_norm, weight_decay)
     check_number("anchor_weight", anchor_weight, minimum=0.0)
     check_int("anchor_tokens", anchor_tokens, minimum=1)
+    if reference_cache is not None and not isinstance(reference_cache, dict):
+        raise TypeError(f"reference_cache must be a dict (start with {{}}) or None, got {type(reference_cache).__name__}.")
+    if anchor_weight == 0:
+        reference_cache = None  # no anchor, no reference to keep
     if reference_cache is not None:
-        if not isinstance(reference_cache, dict):
-            raise TypeError(f"reference_cache must be a dict (start with {{}}) or None, got {type(reference_cache).__name__}.")
-        if anchor_weight == 0:
-            raise ValueError("reference_cache keeps the anchor's reference, and anchor_weight is 0: set "
-                             "anchor_weight > 0 or leave reference_cache=None.")
         # one cache, one frozen model computed one way: its weights without the adapter, device and precision
         identity = (model_fingerprint(model, include_trainable=False), str(model_device(model)),
                     str(autocast_dtype(model, mixed_precision)), anchor_tokens)
