@@ -281,6 +281,7 @@ ROWS = [
     Row("specialize.position_ids_from_mask", lambda c: specialize.position_ids_from_mask(torch.ones(4)), ValueError, "attention_mask"),
     Row("specialize.training_batches", lambda c: specialize.training_batches(c.tokenizer, [_example()], batch_size=0), ValueError, "batch_size"),
     Row("specialize.answer_loss", lambda c: specialize.answer_loss(c.model, c.batches[0], anchor_weight=-1.0), ValueError, "anchor_weight"),
+    Row("distill.check_head_once", lambda c: __import__("utils.distill").distill.check_head_once(c.model, torch.zeros(1, 2, c.model.config.hidden_size), torch.ones(1, 2, c.model.config.vocab_size), {}, "my_cache"), ValueError, "my_cache"),
     Row("specialize.anchor_reference", lambda c: specialize.anchor_reference(c.model, c.batches[0], {}, 4), ValueError, "peft"),
     Row("specialize.finetune", lambda c: specialize.finetune(c.model, c.batches, steps=1, anchor_weight=1.0, reference_cache=[]), TypeError, "reference_cache", True),
     Row("evaluation.model_fingerprint", lambda c: __import__("utils.evaluation").evaluation.model_fingerprint(c.model, include_trainable="no"), TypeError, "include_trainable"),

@@ -286,6 +286,19 @@ def logits_from_final_state(model: nn.Module, final_state: torch.Tensor) -> torc
     return logits
 
 
+def check_head_once(model: nn.Module, final_state: torch.Tensor, logits: torch.Tensor, cache: dict,
+                    cache_name: str) -> None:
+    """Before a cache first keeps `final_state` to stand for `logits`: check, once per cache, that the output
+    embedding of it (`logits_from_final_state`) reproduces them exactly, or raise a ValueError naming the
+    cache argument `cache_name` (a model whose head does something more cannot use such a cache)."""
+    if cache.get("checked"):
+        return
+    if not torch.equal(logits_from_final_state(model, final_state), logits):
+        raise ValueError(f"{cache_name} cannot be used with this model ({type(model).__name__}): its logits are not "
+                         f"its output embedding of its final hidden state. Pass {cache_name}=None.")
+    cache["checked"] = True
+
+
 def _teacher_outputs(teacher: nn.Module, batch: Batch, layer_map: Mapping[int, int] | None,
                      teacher_cache: dict | None) -> tuple[torch.Tensor, Sequence[torch.Tensor | None] | None]:
     """The teacher's logits on `batch` and, with a layer map, its hidden states (None where not mapped).
@@ -308,12 +321,7 @@ def _teacher_outputs(teacher: nn.Module, batch: Batch, layer_map: Mapping[int, i
         with torch.no_grad():
             out = _forward(teacher, batch, True)
             final = out.hidden_states[-1]
-            if not teacher_cache.get("checked"):
-                if not torch.equal(logits_from_final_state(teacher, final), out.logits):
-                    raise ValueError(f"teacher_cache cannot be used with this teacher ({type(teacher).__name__}): "
-                                     "its logits are not its output embedding of its final hidden state. Pass "
-                                     "teacher_cache=None.")
-                teacher_cache["checked"] = True
+            check_head_once(teacher, final, out.logits, teacher_cache, "teacher_cache")
         states = {**(stored or {}).get("states", {}), **{index: out.hidden_states[index] for index in needed}}
         teacher_cache[key] = {"final": final, "states": states}
         logits = out.logits

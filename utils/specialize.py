@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .checks import check_int, check_module, check_number, check_optional_int, check_positive_int, check_str, check_tensor
 from .batches import Batch, batch_key, check_batches, pad_rows, pad_token_id
 from .data import bos_ids, load_labeled
-from .distill import kd_loss, logits_from_final_state, next_token_loss
+from .distill import check_head_once, kd_loss, logits_from_final_state, next_token_loss
 from .evaluation import model_fingerprint, perplexity, run_lm_eval
 from .models import cache_argument_name, compute_autocast, decoder_layers, model_device, output_cache
 from .training import EvalFn, TrainingHistory, autocast_dtype, check_training_arguments, train
@@ -293,12 +293,7 @@ def anchor_reference(model: nn.Module, batch: Batch, inputs: Mapping[str, torch.
             return logits_from_final_state(model, stored)
         out = model(**inputs, output_hidden_states=True)
         final = out.hidden_states[-1][:, -keep:]
-        if not reference_cache.get("checked"):
-            if not torch.equal(logits_from_final_state(model, final), out.logits):
-                raise ValueError(f"reference_cache cannot be used with this model ({type(model).__name__}): its "
-                                 "logits are not its output embedding of its final hidden state. Pass "
-                                 "reference_cache=None.")
-            reference_cache["checked"] = True
+        check_head_once(model, final, out.logits, reference_cache, "reference_cache")
         reference_cache[key] = final
         return out.logits
 
