@@ -160,8 +160,6 @@ ROWS = [
     Row("depth.select_window", lambda c: __import__("utils.depth").depth.select_window(c.model, "1", 2), TypeError, "start"),
     Row("depth.select_by_importance", lambda c: __import__("utils.depth").depth.select_by_importance(torch.tensor([NAN, 1.0, 2.0, 3.0]), 1), ValueError, "scores"),
     # width
-    Row("width.gram_upper", lambda c: __import__("utils.width").width.gram_upper(torch.ones(2, 3, 4)), ValueError, "rows"),
-    Row("width.symmetric_from_upper", lambda c: __import__("utils.width").width.symmetric_from_upper([[1.0]]), TypeError, "upper"),
     Row("width.static_neuron_importance", lambda c: __import__("utils.width").width.static_neuron_importance(c.model, "biggest"), ValueError, "method"),
     Row("width.activation_statistics", lambda c: __import__("utils.width").width.activation_statistics(c.model, c.batches, gram="yes"), TypeError, "gram"),
     Row("width.activation_neuron_importance", lambda c: __import__("utils.width").width.activation_neuron_importance(c.model, c.batches, method="x"), ValueError, "method"),

@@ -120,32 +120,6 @@ def test_activation_statistics_ignore_padding():
     torch.testing.assert_close(a["mean_abs"], b["mean_abs"], atol=1e-5, rtol=1e-4)
 
 
-def test_gram_is_the_full_product_from_half_of_it():
-    # gram_upper computes the upper triangle only (BLAS syrk on the CPU); summed over batches and mirrored it is the
-    # full A^T A, and activation_statistics' Gram equals the product of the activations it captured
-    from utils.hooks import capture_activations
-    from utils.width import gram_upper, symmetric_from_upper
-
-    rows = torch.randn(50, 12)
-    upper = gram_upper(rows[:30]) + gram_upper(rows[30:])
-    assert torch.equal(upper, torch.triu(upper))  # nothing below the diagonal
-    torch.testing.assert_close(symmetric_from_upper(upper), rows.T @ rows, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(symmetric_from_upper(torch.stack([upper, 2 * upper]))[1], 2 * rows.T @ rows,
-                               rtol=1e-5, atol=1e-5)  # batched over a leading dimension, as per block
-    model, tokenizer = tiny_model("tiny-llama")
-    batches = _batches(tokenizer)
-    captured = {}
-    with capture_activations(model, points=("mlp_act",),
-                             callback=lambda point, layer, a: captured.setdefault(layer, []).append(a.flatten(0, 1))):
-        for batch in batches:
-            with torch.no_grad():
-                model(**batch)
-    gram = activation_statistics(model, batches, gram=True, progress=False)["gram"]
-    for layer, parts in captured.items():
-        a = torch.cat(parts).double()
-        torch.testing.assert_close(gram[layer], a.T @ a / a.shape[0], rtol=1e-4, atol=1e-6)
-
-
 def test_static_methods_and_errors():
     model, _ = tiny_model("tiny-llama")
     for method in STATIC_NEURON_METHODS:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_bool, check_finite, check_int, check_module, check_number, check_tensor
+from .checks import check_bool, check_finite, check_int, check_module, check_number
 from .batches import Batch, evaluating, ids_and_masks
 from .distill import distill
 from .hooks import capture_activations
@@ -66,31 +66,6 @@ def static_neuron_importance(model: nn.Module, method: str = "peak_to_peak") -> 
     return torch.stack(scores)
 
 
-def gram_upper(rows: torch.Tensor) -> torch.Tensor:
-    """rows^T rows in float32 with only its upper triangle filled (the lower one is zero), for a 2-D tensor
-    of rows (tokens x features).
-
-    A Gram matrix is symmetric, so half of its products are enough: on the CPU BLAS's symmetric rank-k
-    update (`scipy.linalg.blas.ssyrk`) computes the upper triangle alone, about twice as fast as the full
-    matrix product; elsewhere (a GPU) the full product is taken and its upper triangle kept. Add the
-    results of several batches, then `symmetric_from_upper`.
-    """
-    check_tensor("rows", rows, dim=2, integer=False)
-    rows = rows.detach().float()
-    if rows.device.type != "cpu":
-        return torch.triu(rows.T @ rows)
-    from scipy.linalg.blas import ssyrk  # imported here: only the CPU path needs it
-
-    # the row-major [tokens, features] array read column-major is its transpose: ssyrk(trans=0) of it is rows^T rows
-    return torch.from_numpy(ssyrk(1.0, rows.contiguous().numpy().T, trans=0, lower=0))
-
-
-def symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrices whose upper triangles (diagonal included) `upper` holds, over its last two dims."""
-    check_tensor("upper", upper, integer=False)
-    return torch.triu(upper) + torch.triu(upper, 1).transpose(-1, -2)
-
-
 def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool = False,
                           progress: bool = True) -> dict[str, torch.Tensor]:
     """Statistics of every GLU neuron's activation act(gate) * up over the real tokens of `batches`.
@@ -120,11 +95,11 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
         mean_abs[layer] += real.abs().sum(0, dtype=torch.float64).cpu()
         mean_square[layer] += real.pow(2).sum(0, dtype=torch.float64).cpu()
         if grams is not None:
-            grams[layer] += gram_upper(real).double().cpu()  # the upper triangle: symmetric, half the products
+            grams[layer] += (real.T @ real).double().cpu()
 
     tokens = 0
     # bfloat16 matrix products on a CPU with bfloat16 units (utils.models.compute_autocast); the sums above stay
-    # in float64 and the Gram products in float32 (the hooks run the callback outside autocast; `gram_upper`)
+    # in float64 and the Gram products in float32 (the hooks run the callback outside autocast)
     with evaluating(model), compute_autocast(model), capture_activations(model, points=("mlp_act",), callback=on_capture):
         for ids, mask in tqdm(prepared, desc="neuron activations", disable=not progress, leave=False):
             current["real"] = mask.bool()
@@ -132,7 +107,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
             tokens += int(mask.sum())
     result = {"mean": (mean / tokens).float(), "mean_abs": (mean_abs / tokens).float(), "mean_square": (mean_square / tokens).float(), "tokens": tokens}
     if grams is not None:
-        result["gram"] = symmetric_from_upper(grams) / tokens
+        result["gram"] = grams / tokens
     return result
 
 
