@@ -109,6 +109,25 @@ def test_refit_compensates_for_removed_neurons():
                                glu_projections(decoder_layers(model)[0])[2].weight, atol=1e-4, rtol=1e-3)
 
 
+def test_gram_is_the_full_product_of_the_activations():
+    # the Gram matrix is computed block by block above the diagonal and mirrored; it must be A^T A / tokens of
+    # the activations the MLPs produce, the same as the full product, at the width of tiny-llama and at an odd one
+    model, tokenizer = tiny_model("tiny-llama")
+    batches = _batches(tokenizer, n=4, length=24)
+    for candidate in (model, prune_glu_width(model, torch.rand(len(decoder_layers(model)), 128), intermediate_size=77)):
+        statistics = activation_statistics(candidate, batches, gram=True, progress=False)
+        with capture_activations(candidate, points=("mlp_act",)) as captured:
+            with torch.no_grad():
+                for batch in batches:
+                    candidate(**batch)
+        for layer in range(len(decoder_layers(candidate))):
+            activations = captured.stacked("mlp_act", layer).flatten(0, -2).double()
+            expected = activations.T @ activations / statistics["tokens"]
+            assert statistics["gram"][layer].shape == expected.shape
+            torch.testing.assert_close(statistics["gram"][layer], expected, rtol=1e-5, atol=1e-7)
+            assert torch.equal(statistics["gram"][layer], statistics["gram"][layer].T)
+
+
 def test_activation_statistics_ignore_padding():
     model, tokenizer = tiny_model("tiny-llama")
     ids = torch.tensor([[10, 11, 12, 13]])

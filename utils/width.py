@@ -66,6 +66,22 @@ def static_neuron_importance(model: nn.Module, method: str = "peak_to_peak") -> 
     return torch.stack(scores)
 
 
+def _gram(activations: torch.Tensor, parts: int = 4) -> torch.Tensor:
+    """activations^T @ activations (tokens x width in, width x width out) with each block of columns above the
+    diagonal computed once and mirrored below it: every entry is the same dot product over the tokens as in the
+    full product, for about 5/8 of its multiply-adds with 4 parts (the matrix is symmetric)."""
+    width = activations.shape[1]
+    edges = [width * part // parts for part in range(parts + 1)]
+    gram = activations.new_empty(width, width)
+    for begin, end in zip(edges, edges[1:]):
+        if begin == end:
+            continue
+        panel = activations[:, begin:end].T @ activations[:, begin:]
+        gram[begin:end, begin:] = panel
+        gram[end:, begin:end] = panel[:, end - begin:].T
+    return gram
+
+
 def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool = False,
                           progress: bool = True) -> dict[str, torch.Tensor]:
     """Statistics of every GLU neuron's activation act(gate) * up over the real tokens of `batches`.
@@ -95,7 +111,7 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
         mean_abs[layer] += real.abs().sum(0, dtype=torch.float64).cpu()
         mean_square[layer] += real.pow(2).sum(0, dtype=torch.float64).cpu()
         if grams is not None:
-            grams[layer] += (real.T @ real).double().cpu()
+            grams[layer] += _gram(real).double().cpu()
 
     tokens = 0
     # bfloat16 matrix products on a CPU with bfloat16 units (utils.models.compute_autocast); the sums above stay
