@@ -39,3 +39,24 @@ def test_interleaved_samples_times_every_kept_round_and_prefers_a_returned_float
 def test_timed_call_reads_the_same_clocks_as_stopwatch():
     result, seconds = timed_call(lambda: time.sleep(0.02) or "done")
     assert result == "done" and set(seconds) == {"wall_s", "cpu_s"} and seconds["wall_s"] >= 0.02
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])
+def test_greedy_tokens_are_generate_greedy_and_the_prefill_keeps_the_last_logits_only(family):
+    # the timed loop must decode what transformers' greedy `generate` decodes; its prefill asks the LM head for the
+    # last position only (`logits_to_keep=1`, as generate does), so a long prompt does not time a full-width head
+    import torch
+    from utils.models import tiny_model
+    from utils.speed import greedy_tokens
+    model, _ = tiny_model(family)
+    prompt = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    try:
+        loop = greedy_tokens(model, prompt, 5)
+    finally:
+        hook.remove()
+    assert shapes[0] == (2, 1, model.config.vocab_size)  # the prefill: one position per row
+    expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                              min_new_tokens=5, do_sample=False)[:, prompt.shape[1]:]
+    assert torch.equal(loop, expected)
