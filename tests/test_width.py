@@ -9,7 +9,7 @@ from utils.models import glu_projections
 from utils.width import (STATIC_NEURON_METHODS, activation_neuron_importance, activation_statistics,
                          static_neuron_importance)
 from utils.models import decoder_layers, tiny_model
-from utils.width import neurons_to_keep, prune_glu_width, target_intermediate_size
+from utils.width import merged_statistics, neurons_to_keep, prune_glu_width, target_intermediate_size
 
 
 def _batches(tokenizer, n=4, length=24):
@@ -126,6 +126,24 @@ def test_gram_is_the_full_product_of_the_activations():
             assert statistics["gram"][layer].shape == expected.shape
             torch.testing.assert_close(statistics["gram"][layer], expected, rtol=1e-5, atol=1e-7)
             assert torch.equal(statistics["gram"][layer], statistics["gram"][layer].T)
+
+
+def test_merged_statistics_are_those_of_one_pass_over_both_sets_of_batches():
+    model, tokenizer = tiny_model("tiny-llama")
+    batches = _batches(tokenizer, n=6, length=24)  # 3 batches of 2 rows
+    whole = activation_statistics(model, batches, gram=True, progress=False)
+    merged = merged_statistics(activation_statistics(model, batches[:1], gram=True, progress=False),
+                               activation_statistics(model, batches[1:], gram=True, progress=False))
+    assert merged["tokens"] == whole["tokens"]
+    for key in ("mean", "mean_abs", "mean_square", "gram"):
+        torch.testing.assert_close(merged[key], whole[key], rtol=1e-5, atol=1e-7)
+        assert merged[key].dtype == whole[key].dtype
+    without_gram = activation_statistics(model, batches[:1], progress=False)
+    assert "gram" not in merged_statistics(without_gram, activation_statistics(model, batches[1:], progress=False))
+    with pytest.raises(ValueError, match="gram=True"):
+        merged_statistics(without_gram, whole)
+    with pytest.raises(ValueError, match="activation_statistics"):
+        merged_statistics({"mean": whole["mean"]}, whole)
 
 
 def test_activation_statistics_ignore_padding():

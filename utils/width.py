@@ -127,6 +127,41 @@ def activation_statistics(model: nn.Module, batches: Sequence[Batch], gram: bool
     return result
 
 
+def merged_statistics(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `activation_statistics` of two passes' batches together, from each pass's result: every mean is
+    token-weighted ("tokens" adds up), the Gram matrices too where both passes computed one.
+
+    The values are those of one pass over both sets of batches up to rounding (the means are kept in float32),
+    so a larger calibration set can build on a pass already made instead of running its first batches again.
+    Raises a ValueError when the two results do not describe the same model (keys or shapes differ) or hold no
+    token.
+    """
+    keys = ("mean", "mean_abs", "mean_square", "tokens")
+    for name, statistics in (("first", first), ("second", second)):
+        if not isinstance(statistics, dict) or any(key not in statistics for key in keys):
+            raise ValueError(f"`{name}` must be a result of activation_statistics (keys {', '.join(keys)}), "
+                             f"got {type(statistics).__name__} with keys {sorted(statistics) if isinstance(statistics, dict) else '-'}.")
+    if ("gram" in first) != ("gram" in second):
+        raise ValueError("Only one of the two passes computed a Gram matrix: run both with gram=True, or neither.")
+    for key in ("mean", "mean_abs", "mean_square") + (("gram",) if "gram" in first else ()):
+        if first[key].shape != second[key].shape:
+            raise ValueError(f"The two passes' {key!r} differ in shape ({tuple(first[key].shape)} against "
+                             f"{tuple(second[key].shape)}): they must come from the same model.")
+    tokens = check_int("first['tokens']", first["tokens"], minimum=0) + check_int("second['tokens']", second["tokens"], minimum=0)
+    if tokens == 0:
+        raise ValueError("Neither pass holds a token to merge.")
+    share = first["tokens"] / tokens
+
+    def weighted(key: str) -> torch.Tensor:
+        return first[key].double() * share + second[key].double() * (1 - share)
+
+    result = {key: weighted(key).float() for key in ("mean", "mean_abs", "mean_square")}
+    result["tokens"] = tokens
+    if "gram" in first:
+        result["gram"] = weighted("gram")
+    return result
+
+
 def activation_neuron_importance(model: nn.Module, batches: Sequence[Batch], method: str = "activation_x_down",
                                  statistics: dict[str, torch.Tensor] | None = None,
                                  progress: bool = True) -> torch.Tensor:
