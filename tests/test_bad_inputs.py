@@ -164,6 +164,7 @@ ROWS = [
     Row("width.activation_statistics", lambda c: __import__("utils.width").width.activation_statistics(c.model, c.batches, gram="yes"), TypeError, "gram"),
     Row("width.activation_neuron_importance", lambda c: __import__("utils.width").width.activation_neuron_importance(c.model, c.batches, method="x"), ValueError, "method"),
     Row("width.target_intermediate_size", lambda c: __import__("utils.width").width.target_intermediate_size(128, 64, percent=10, multiple=256), ValueError, "multiple"),
+    Row("models.last_logits_only", lambda c: __import__("utils.models").models.last_logits_only("not a model"), TypeError, "model"),
     Row("width.merged_statistics", lambda c: __import__("utils.width").width.merged_statistics({"mean": torch.zeros(2, 3), "mean_abs": torch.zeros(2, 3), "mean_square": torch.zeros(2, 3), "tokens": 4}, {"mean": torch.zeros(2, 5), "mean_abs": torch.zeros(2, 5), "mean_square": torch.zeros(2, 5), "tokens": 4}), ValueError, "same model"),
     Row("width.prune_glu_width_in_steps", lambda c: __import__("utils.width").width.prune_glu_width_in_steps(c.model, c.batches, c.batches[:1], percent=20, rounds=2, heal_steps=2), ValueError, "heal_batches"),
     Row("width.neurons_to_keep", lambda c: __import__("utils.width").width.neurons_to_keep(torch.full((4, 128), NAN), 64), ValueError, "scores"),

@@ -60,3 +60,21 @@ def test_greedy_tokens_are_generate_greedy_and_the_prefill_keeps_the_last_logits
     expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
                               min_new_tokens=5, do_sample=False)[:, prompt.shape[1]:]
     assert torch.equal(loop, expected)
+
+
+def test_a_lora_model_also_prefills_the_last_logits_only():
+    # a PEFT model's forward does not name `logits_to_keep` but passes it to its base model (utils.models.last_logits_only)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from utils.models import tiny_model
+    from utils.speed import greedy_tokens
+    model, _ = tiny_model("tiny-llama")
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    prompt = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    shapes = []
+    hook = lora.get_output_embeddings().register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    try:
+        greedy_tokens(lora, prompt, 3)
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, 1, model.config.vocab_size)

@@ -487,6 +487,15 @@ def cache_argument_name(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The forward keyword that makes the LM head compute the last position only: {"logits_to_keep": 1} where
+    the model's forward (a PEFT model's base model's) takes it, as transformers' `generate` passes it at prefill,
+    else {} (the head then runs over every position). For passes that read the last logits or none at all."""
+    check_module("model", model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes it through
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+
+
 def output_cache(output: object) -> object:
     """The KV cache returned by a forward pass, whichever name this transformers version gives it."""
     if output is None:
@@ -726,9 +735,7 @@ def run_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if attention_mask is not None and check_tensor("attention_mask", attention_mask).shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}.")
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes it through
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
-    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **last_logits_only(model))
 
 
 def check_layer_indices(model: nn.Module, indices: list[int], name: str = "indices") -> list[int]:

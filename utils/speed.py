@@ -21,7 +21,6 @@ kernel launches, not for memory, so its tokens/s sit far below `decode_bytes` / 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import statistics
 import time
 from typing import Callable, ContextManager, Mapping, Sequence
@@ -34,6 +33,7 @@ from .models import (
     architecture_summary,
     cache_argument_name,
     decoder_layers,
+    last_logits_only,
     model_device,
     output_cache,
 )
@@ -106,14 +106,6 @@ def interleaved_timings(runs: Mapping[str, Callable[[], object]], repeats: int =
     return {name: statistics.median(values) for name, values in interleaved_samples(runs, repeats, warmup).items()}
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    """Whether `model`'s forward names a `logits_to_keep` argument (transformers' causal LMs do)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # a forward without a readable signature
-        return False
-
-
 @torch.no_grad()
 def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
                   on_first_token: Callable[[], None] | None = None) -> torch.Tensor:
@@ -121,7 +113,7 @@ def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
     new token ids [rows, new_tokens].
 
     The loop every speed measurement of the course times. Like transformers' `generate`, the prefill asks
-    for the logits of the last position only (`logits_to_keep=1`, where the model's forward takes it).
+    for the logits of the last position only (`utils.models.last_logits_only`).
     `on_first_token()` is called right after the prefill has produced the first token (after a device
     synchronization), so a caller can read a clock there for the time to first token.
     """
@@ -131,7 +123,7 @@ def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
     ids = torch.as_tensor(input_ids).to(device)
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     cache_name = cache_argument_name(model)
-    output = model(input_ids=ids, use_cache=True, **({"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}))
+    output = model(input_ids=ids, use_cache=True, **last_logits_only(model))
     generated = [output.logits[:, -1:].argmax(-1)]
     if on_first_token is not None:
         synchronize(device)
