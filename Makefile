@@ -10,8 +10,13 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
+# glibc's malloc keeps large blocks for reuse instead of a fresh mmap (page faults and zeroing) for every large
+# tensor: a CPU training step of CH02 about 1.3x faster, the same arithmetic (benchmarks/cpu_allocator.py,
+# benchmarks/results/cpu_allocator-cpu.json). Only speed and the process's memory high-water mark change.
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 
-.PHONY: book test test-gpu setup clean-book constraints
+.PHONY: book test test-gpu setup clean-book constraints lab
 
 setup: $(STAMP)
 
@@ -45,6 +50,11 @@ GPU_PYTHON ?= python3
 GPU_DTYPES ?= bf16,fp16
 test-gpu:
 	$(GPU_PYTHON) benchmarks/gpu_lane.py --dtypes $(GPU_DTYPES) -- -n 8 --dist loadfile
+
+# JupyterLab from .venv, with the environment the build uses (the course's cache folder, offline hub, the
+# allocator settings above)
+lab: $(STAMP)
+	$(BIN)/jupyter lab
 
 clean-book:
 	rm -rf _build
