@@ -57,3 +57,12 @@ def test_make_passes_the_malloc_settings_to_what_it_runs():
     out = subprocess.run(["make", "-s", "--no-print-directory", "--eval", recipe, "probe"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == list(makefile_settings().values())
+
+
+def test_chapter_times_runs_chapters_with_the_makefile_settings():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chapter_times", ROOT / "benchmarks" / "chapter_times.py")
+    chapter_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chapter_times)
+    assert chapter_times.build_environment() == makefile_settings()
