@@ -4,7 +4,7 @@
 
 Each notebook is executed with nbclient from its own folder, with the environment as it is (so the
 chapter picks the embedded model and, on a CUDA machine, its GPU budgets) plus the Makefile's malloc settings
-where unset (`build_environment`, so the times compare with `make book`'s), and its wall time is appended
+where unset (`utils.book.build_environment`, so the times compare with `make book`'s), and its wall time is appended
 to `chapter_times-<cpu|gpu>.json` (the file the chapters' "Before you start" cells read) in $OUT when set,
 else in benchmarks/results/. A notebook that fails is recorded with its error and makes the script exit 1.
 The numbers each chapter glued (`utils.book.glue` prints them as `name = value`) are kept in the record too,
@@ -45,13 +45,6 @@ def machine() -> tuple[str, str]:
     from utils.models import compute_precision
 
     return "cpu", f"{platform.machine()}, {os.cpu_count()} CPU cores, {compute_precision()}, {versions}"
-
-
-def build_environment() -> dict[str, str]:
-    """The variables the Makefile exports to everything `make book` runs that change its speed (glibc's malloc
-    settings), read from the Makefile, so that chapters run here are timed the way the book build runs them."""
-    text = (ROOT / "Makefile").read_text()
-    return dict(re.findall(r"^export (MALLOC_\w+_) \?= (\S+)$", text, flags=re.M))
 
 
 GLUED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = (.+)$")
@@ -151,7 +144,9 @@ def main() -> None:
     if args.book_build:
         record_book_build(Path(args.book_build), args.notebooks, args.commit, description, record, path)
         return
-    for name, value in build_environment().items():  # the kernels nbclient starts inherit them, as make's do
+    from utils.book import build_environment
+
+    for name, value in build_environment(ROOT).items():  # the kernels nbclient starts inherit them, as make's do
         os.environ.setdefault(name, value)
     failed = False
     for name in args.notebooks:

@@ -26,18 +26,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TUNED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "17179869184"}  # as in the Makefile
+sys.path.insert(0, str(ROOT))
+from utils.book import build_environment  # noqa: E402
 
-CHILD = r"""
-import copy, json, resource, sys
+TUNED = build_environment(ROOT)  # the Makefile's malloc settings
+
+# 12 rounds that each make and free two vocabulary-wide float32 tensors of 201 MB (CH02's logits, 4 x 256 x 49,152),
+# as a training loop does: `faults` is the last round's minor page faults, once glibc's heap has grown to hold the
+# loop (tests/test_build_environment.py runs it too)
+PAGE_FAULT_PROBE = """
+import resource
 import torch
-from utils.data import calibration_batches
-from utils.depth import remove_layers, select_window
-from utils.distill import cut_layer_map, distill, train_only_blocks_from
-from utils.models import load_model
-
-steps = int(sys.argv[1])
-logits = torch.randn(4 * 256, 49152)  # 12 rounds of two 201 MB tensors made and freed: the last round's page faults
+logits = torch.randn(4 * 256, 49152)
 for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     scaled = logits * 0.5
@@ -45,6 +45,16 @@ for _ in range(12):
     del scaled, log_probs
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 del logits
+"""
+
+CHILD = PAGE_FAULT_PROBE + r"""
+import json, sys
+from utils.data import calibration_batches
+from utils.depth import remove_layers, select_window
+from utils.distill import cut_layer_map, distill, train_only_blocks_from
+from utils.models import load_model
+
+steps = int(sys.argv[1])
 model, tokenizer = load_model("embedded")
 n = model.config.num_hidden_layers
 start = n // 2 - 3

@@ -9,35 +9,34 @@ from pathlib import Path
 
 import pytest
 
+from utils.book import build_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
-# a loop that makes vocabulary-wide float32 tensors of 201 MB (CH02's logits: 4 x 256 x 49,152) and frees them, as a
-# training loop does: the minor page faults of its last round, once glibc's heap has grown to hold the loop
-PROBE = """
-import resource, torch
-logits = torch.randn(4 * 256, 49152)
-for _ in range(12):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    scaled = logits * 0.5
-    log_probs = torch.log_softmax(scaled, dim=-1)
-    del scaled, log_probs
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(faults)
-"""
+
+def script(name: str):
+    """A benchmark script of this repository, imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def makefile_settings() -> dict[str, str]:
-    text = (ROOT / "Makefile").read_text()
-    found = dict(re.findall(r"^export (MALLOC_\w+_) \?= (\d+)$", text, flags=re.M))
+    found = build_environment(ROOT)
     assert set(found) == set(SETTINGS), f"the Makefile should export {SETTINGS}, found {sorted(found)}"
+    assert all(value.isdigit() for value in found.values()), found
     return found
 
 
 def last_round_faults(settings: dict[str, str]) -> int:
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(settings)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    probe = script("cpu_allocator").PAGE_FAULT_PROBE + "print(faults)\n"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
@@ -59,10 +58,14 @@ def test_make_passes_the_malloc_settings_to_what_it_runs():
     assert out.stdout.split() == list(makefile_settings().values())
 
 
-def test_chapter_times_runs_chapters_with_the_makefile_settings():
-    import importlib.util
+def test_build_environment_reads_the_makefile_and_refuses_a_folder_without_one(tmp_path):
+    (tmp_path / "Makefile").write_text("export MALLOC_TOP_PAD_ ?= 1\nexport OTHER ?= 2\nMALLOC_ARENA_MAX_ ?= 3\n")
+    assert build_environment(tmp_path) == {"MALLOC_TOP_PAD_": "1"}  # exported malloc settings only
+    with pytest.raises(FileNotFoundError, match="root"):
+        build_environment(tmp_path / "nowhere")
 
-    spec = importlib.util.spec_from_file_location("chapter_times", ROOT / "benchmarks" / "chapter_times.py")
-    chapter_times = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chapter_times)
-    assert chapter_times.build_environment() == makefile_settings()
+
+def test_chapter_times_and_the_allocator_benchmark_use_the_makefile_settings():
+    assert script("cpu_allocator").TUNED == makefile_settings()
+    source = (ROOT / "benchmarks" / "chapter_times.py").read_text()
+    assert "os.environ.setdefault(name, value)" in source and "build_environment(ROOT)" in source

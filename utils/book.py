@@ -9,6 +9,8 @@ The chapters' run times come from the same place for every page that quotes them
 the recorded runs of benchmarks/results/chapter_times-<kind>.json (the latest valid run per chapter), and
 `recorded_time` turns one into a phrase for a chapter's opening (`describe_run`). `recorded_glued` finds
 a recorded run by the values it glued (a larger budget than the book's, run once and recorded).
+`book_log_times` reads a build's log, and `build_environment` the settings the Makefile gives every process
+of a build, for scripts that run chapters outside make.
 """
 
 from __future__ import annotations
@@ -210,3 +212,19 @@ def book_log_times(log: str) -> list[tuple[str, float | None]]:
         elif _CACHED.search(line) and page and page not in times:
             times[page] = None
     return list(times.items())
+
+
+_EXPORTED_MALLOC = re.compile(r"^export (MALLOC_\w+_) \?= (\S+)$", re.M)
+
+
+def build_environment(root: str | os.PathLike) -> dict[str, str]:
+    """The speed settings the Makefile in `root` exports to everything make runs (glibc's malloc settings,
+    `MALLOC_..._` variables), read from the Makefile, by name: for scripts that run chapters or benchmarks
+    outside make and should run them as `make book` does (`benchmarks/chapter_times.py`,
+    `benchmarks/cpu_allocator.py`). Raises FileNotFoundError when `root` holds no Makefile.
+    """
+    makefile = os.path.join(os.fspath(root), "Makefile")
+    if not os.path.isfile(makefile):
+        raise FileNotFoundError(f"root must be the course's folder (with its Makefile); no Makefile in {os.fspath(root)!r}.")
+    with open(makefile, encoding="utf-8") as f:
+        return dict(_EXPORTED_MALLOC.findall(f.read()))
