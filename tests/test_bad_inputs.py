@@ -327,6 +327,7 @@ ROWS = [
     Row("book.recorded_glued", lambda c: book.recorded_glued("ch02", "cpu", None, {}), ValueError, "where"),
     Row("book.describe_run", lambda c: book.describe_run({"machine": "x", "seconds": 60}, "tpu"), ValueError, "kind"),
     Row("book.book_log_times", lambda c: book.book_log_times(b"log"), TypeError, "log"),
+    Row("book.build_environment", lambda c: book.build_environment("/nonexistent-course-folder"), FileNotFoundError, "root"),
     # bypass_modeling (new)
     Row("bypass_modeling.check_attention_remains", lambda c: bypass_modeling.check_attention_remains(["full_attention"] * 2, {0, 1}), ValueError, "attention sublayer"),
     Row("bypass_modeling.statically_bypassed", lambda c: bypass_modeling.statically_bypassed("blocks"), TypeError, "blocks"),
