@@ -2,7 +2,6 @@
 
 import os
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ def last_round_faults(settings: dict[str, str]) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 def test_makefile_malloc_settings_reuse_large_blocks_where_the_default_faults_them_in_every_round():
-    pages = 2 * 4 * 256 * 49152 * 4 // 4096  # two tensors a round, 49,152 pages of 4 KiB each
+    pages = script("cpu_allocator").PROBE_PAGES  # two 201 MB tensors a round, 49,152 pages of 4 KiB each
     tuned = last_round_faults(makefile_settings())
     default = last_round_faults({})
     assert tuned < pages // 20, f"with the Makefile's settings a round still took {tuned} page faults"
